@@ -1,0 +1,3 @@
+"""geoscrape: the `geoscrape` CLI, the demo and development tooling."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""Exchanges, queues and connection settings of the geoscrape bus (RabbitMQ).
+
+Topology (all durable, all messages persistent):
+
+    exchange "scrape" (direct) --routing key <region>--> queue "scrape.<region>"
+    queue "scrape.<region>" --dead-lettered--> exchange "scrape.dlx" (fanout) --> queue "scrape.dead"
+    exchange "ingest" (direct) --routing key "ingest"--> queue "ingest"
+
+Queue arguments must be identical wherever a queue is declared, or RabbitMQ
+refuses the declaration (PRECONDITION_FAILED); so every declaration goes
+through the functions below.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from kombu import Connection, Exchange, Queue
+
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+SCRAPE_EXCHANGE = Exchange("scrape", type="direct", durable=True)
+DEAD_EXCHANGE = Exchange("scrape.dlx", type="fanout", durable=True)
+INGEST_EXCHANGE = Exchange("ingest", type="direct", durable=True)
+INGEST_ROUTING_KEY = "ingest"
+
+DEAD_QUEUE = Queue("scrape.dead", exchange=DEAD_EXCHANGE, routing_key="", durable=True)
+INGEST_QUEUE = Queue(
+    "ingest", exchange=INGEST_EXCHANGE, routing_key=INGEST_ROUTING_KEY, durable=True
+)
+
+
+def broker_url() -> str:
+    return os.environ.get("GEOSCRAPE_BROKER_URL", DEFAULT_BROKER_URL)
+
+
+def scrape_queue_name(region: str) -> str:
+    return f"scrape.{region}"
+
+
+def scrape_queue(region: str) -> Queue:
+    """The queue a region's workers consume; rejected jobs go to scrape.dead."""
+    return Queue(
+        scrape_queue_name(region),
+        exchange=SCRAPE_EXCHANGE,
+        routing_key=region,
+        durable=True,
+        queue_arguments={"x-dead-letter-exchange": DEAD_EXCHANGE.name},
+    )
+
+
+def connect(url: str | None = None) -> Connection:
+    """A kombu connection with publisher confirms on (no silent publish loss)."""
+    return Connection(
+        url or broker_url(),
+        transport_options={"confirm_publish": True},
+        connect_timeout=5,
+        heartbeat=30,
+    )
+
+
+def declare_topology(connection: Connection, regions: Iterable[str]) -> None:
+    """Declare every exchange and queue (idempotent)."""
+    channel = connection.default_channel
+    for queue in [INGEST_QUEUE, DEAD_QUEUE, *(scrape_queue(r) for r in regions)]:
+        queue(channel).declare()
+
+
+def publish_ingest(producer_connection: Connection, body: dict[str, object]) -> None:
+    """Publish one ingest message, persistent and confirmed by the broker."""
+    producer = producer_connection.Producer(serializer="json")
+    publish = producer_connection.ensure(producer, producer.publish, max_retries=10)
+    publish(
+        body,
+        exchange=INGEST_EXCHANGE,
+        routing_key=INGEST_ROUTING_KEY,
+        delivery_mode=2,
+        declare=[INGEST_QUEUE],
+        retry=True,
+    )

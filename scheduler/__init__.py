@@ -1,0 +1,1 @@
+"""Loading and validating sites.yaml, dispatching jobs (later: the beat schedule)."""

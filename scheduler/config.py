@@ -1,0 +1,222 @@
+"""Typed models for sites.yaml (the config contract in docs/ARCHITECTURE.md).
+
+Every model forbids unknown keys: a typo must be an error, never ignored.
+Site-level `politeness` and `limits` are merged over `defaults` by
+`Config.resolved_site`, so a job always carries a complete, explicit config.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from scheduler.units import parse_duration, parse_size
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]  # seconds
+Size = Annotated[int, BeforeValidator(parse_size)]  # bytes
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Region(_Model):
+    """A region workers are pinned to. Extra settings arrive with later features."""
+
+    description: str | None = None
+
+
+class Schedule(_Model):
+    every: Duration | None = None
+    cron: str | None = None
+    timezone: str = "UTC"
+    jitter: Duration = 0.0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Schedule:
+        if self.every is not None and self.cron is not None:
+            raise ValueError("give either 'every' or 'cron', not both")
+        if self.every is not None and self.every <= 0:
+            raise ValueError("'every' must be positive")
+        return self
+
+
+class Politeness(_Model):
+    delay: Duration = 0.25
+    concurrency: int = Field(8, ge=1, le=256)
+    robots: Literal["obey", "ignore"] = "obey"
+    user_agent: str = "geoscrape (+https://github.com/geoscrape/geoscrape)"
+
+
+class Limits(_Model):
+    max_pages: int = Field(1000, ge=1)
+    max_depth: int = Field(5, ge=0)
+    timeout: Duration = 30.0  # per request
+    max_bytes: Size = 10 * 1024 * 1024  # per response
+
+
+class PolitenessOverride(_Model):
+    delay: Duration | None = None
+    concurrency: int | None = Field(None, ge=1, le=256)
+    robots: Literal["obey", "ignore"] | None = None
+    user_agent: str | None = None
+
+
+class LimitsOverride(_Model):
+    max_pages: int | None = Field(None, ge=1)
+    max_depth: int | None = Field(None, ge=0)
+    timeout: Duration | None = None
+    max_bytes: Size | None = None
+
+
+class Follow(_Model):
+    allow: list[str] = []
+    deny: list[str] = []
+    max_depth: int | None = Field(None, ge=0)
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _regexes(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
+        return patterns
+
+
+FieldType = Literal["str", "int", "float", "price"]
+
+
+class ExtractField(_Model):
+    css: str | None = None
+    xpath: str | None = None
+    join: str | None = None  # join all matches with this; otherwise the first match
+    type: FieldType = "str"
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> ExtractField:
+        if (self.css is None) == (self.xpath is None):
+            raise ValueError("give exactly one of 'css' or 'xpath'")
+        return self
+
+
+class Extract(_Model):
+    items: str | None = None  # CSS selector: one item per matched node
+    key: str | None = None  # field that identifies an item across runs and regions
+    fields: dict[str, ExtractField]
+
+    @model_validator(mode="after")
+    def _key_is_a_field(self) -> Extract:
+        if not self.fields:
+            raise ValueError("'fields' must name at least one field")
+        if self.key is not None and self.key not in self.fields:
+            raise ValueError(f"key {self.key!r} is not one of the fields")
+        return self
+
+
+class Defaults(_Model):
+    schedule: Schedule | None = None
+    politeness: Politeness = Politeness()
+    limits: Limits = Limits()
+
+
+class Site(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    start_urls: list[str] = []
+    regions: list[str] = Field(min_length=1)
+    engine: Literal["scrapy", "requests"] = "scrapy"
+    spider: str | None = None  # "package.module:SpiderClass", an existing Scrapy spider
+    schedule: Schedule | None = None
+    follow: Follow | None = None
+    extract: Extract | None = None
+    politeness: PolitenessOverride = PolitenessOverride()
+    limits: LimitsOverride = LimitsOverride()
+
+    @model_validator(mode="after")
+    def _runnable(self) -> Site:
+        if self.spider is None:
+            if not self.start_urls:
+                raise ValueError("'start_urls' is required unless 'spider' is given")
+            if self.extract is None:
+                raise ValueError("'extract' is required unless 'spider' is given")
+        elif ":" not in self.spider:
+            raise ValueError("'spider' must look like 'package.module:SpiderClass'")
+        if self.engine == "requests" and self.follow is not None:
+            raise ValueError("engine 'requests' fetches the listed URLs only; drop 'follow'")
+        if len(set(self.regions)) != len(self.regions):
+            raise ValueError("'regions' lists a region twice")
+        return self
+
+
+class ResolvedSite(_Model):
+    """A site with defaults applied: what a job carries and a worker runs."""
+
+    name: str
+    start_urls: list[str]
+    engine: Literal["scrapy", "requests"]
+    spider: str | None
+    follow: Follow | None
+    extract: Extract | None
+    politeness: Politeness
+    limits: Limits
+
+
+class Config(_Model):
+    regions: dict[str, Region | None]
+    defaults: Defaults = Defaults()
+    sites: list[Site] = []
+
+    @field_validator("regions")
+    @classmethod
+    def _region_names(cls, regions: dict[str, Any]) -> dict[str, Any]:
+        if not regions:
+            raise ValueError("declare at least one region")
+        for name in regions:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"region name {name!r} must match {NAME_PATTERN}")
+        return regions
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        seen: set[str] = set()
+        for site in self.sites:
+            if site.name in seen:
+                raise ValueError(f"site name {site.name!r} is used twice")
+            seen.add(site.name)
+        return self
+
+    def site(self, name: str) -> Site:
+        for site in self.sites:
+            if site.name == name:
+                return site
+        known = ", ".join(s.name for s in self.sites) or "none"
+        raise KeyError(f"no site named {name!r} (known: {known})")
+
+    def resolved_site(self, name: str) -> ResolvedSite:
+        site = self.site(name)
+        politeness = self.defaults.politeness.model_copy(
+            update=site.politeness.model_dump(exclude_none=True)
+        )
+        limits = self.defaults.limits.model_copy(update=site.limits.model_dump(exclude_none=True))
+        return ResolvedSite(
+            name=site.name,
+            start_urls=site.start_urls,
+            engine=site.engine,
+            spider=site.spider,
+            follow=site.follow,
+            extract=site.extract,
+            politeness=politeness,
+            limits=limits,
+        )

@@ -1,0 +1,1 @@
+"""What runs in a regional worker: fetch engines, extraction, limits, batching."""
