@@ -3,7 +3,7 @@
 Topology (all durable, all messages persistent):
 
     exchange "scrape" (direct) --routing key <region>--> queue "scrape.<region>"
-    queue "scrape.<region>" --dead-lettered--> exchange "scrape.dlx" (fanout) --> queue "scrape.dead"
+    queue "scrape.<region>" --dead-letter--> exchange "scrape.dlx" (fanout) --> "scrape.dead"
     exchange "ingest" (direct) --routing key "ingest"--> queue "ingest"
 
 Queue arguments must be identical wherever a queue is declared, or RabbitMQ

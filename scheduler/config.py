@@ -11,6 +11,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -80,20 +81,22 @@ class LimitsOverride(_Model):
     max_bytes: Size | None = None
 
 
-class Follow(_Model):
-    allow: list[str] = []
-    deny: list[str] = []
-    max_depth: int | None = Field(None, ge=0)
+def _check_regexes(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
+    return patterns
 
-    @field_validator("allow", "deny")
-    @classmethod
-    def _regexes(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
-        return patterns
+
+Regexes = Annotated[list[str], AfterValidator(_check_regexes)]
+
+
+class Follow(_Model):
+    allow: Regexes = []
+    deny: Regexes = []
+    max_depth: int | None = Field(None, ge=0)
 
 
 FieldType = Literal["str", "int", "float", "price"]
@@ -113,6 +116,7 @@ class ExtractField(_Model):
 
 
 class Extract(_Model):
+    pages: Regexes = []  # extract only from pages whose URL matches one (default: all)
     items: str | None = None  # CSS selector: one item per matched node
     key: str | None = None  # field that identifies an item across runs and regions
     fields: dict[str, ExtractField]
