@@ -19,6 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from scheduler.units import parse_duration, parse_size
 
@@ -26,6 +27,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]  # seconds
 Size = Annotated[int, BeforeValidator(parse_size)]  # bytes
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+DUPLICATE_SITE_ERROR = "duplicate_site_name"  # pydantic error type of a repeated site name
 
 
 class _Model(BaseModel):
@@ -81,16 +83,16 @@ class LimitsOverride(_Model):
     max_bytes: Size | None = None
 
 
-def _check_regexes(patterns: list[str]) -> list[str]:
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
-    return patterns
+def _check_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
+    return pattern
 
 
-Regexes = Annotated[list[str], AfterValidator(_check_regexes)]
+# Validated per item, so an error's location names the bad pattern's index.
+Regexes = list[Annotated[str, AfterValidator(_check_regex)]]
 
 
 class Follow(_Model):
@@ -159,9 +161,15 @@ class Site(_Model):
             raise ValueError("'spider' must look like 'package.module:SpiderClass'")
         if self.engine == "requests" and self.follow is not None:
             raise ValueError("engine 'requests' fetches the listed URLs only; drop 'follow'")
-        if len(set(self.regions)) != len(self.regions):
-            raise ValueError("'regions' lists a region twice")
         return self
+
+    @field_validator("regions")
+    @classmethod
+    def _distinct_regions(cls, regions: list[str]) -> list[str]:
+        # A field validator (not the model one) so it is reported with other errors.
+        if len(set(regions)) != len(regions):
+            raise ValueError("'regions' lists a region twice")
+        return regions
 
 
 class ResolvedSite(_Model):
@@ -177,19 +185,26 @@ class ResolvedSite(_Model):
     limits: Limits
 
 
+def _check_region_name(name: str) -> str:
+    if not re.match(NAME_PATTERN, name):
+        raise ValueError(f"region name {name!r} must match {NAME_PATTERN}")
+    return name
+
+
+# Validated per key, so an error's location names the bad region.
+RegionName = Annotated[str, AfterValidator(_check_region_name)]
+
+
 class Config(_Model):
-    regions: dict[str, Region | None]
+    regions: dict[RegionName, Region | None]
     defaults: Defaults = Defaults()
     sites: list[Site] = []
 
     @field_validator("regions")
     @classmethod
-    def _region_names(cls, regions: dict[str, Any]) -> dict[str, Any]:
+    def _some_region(cls, regions: dict[str, Any]) -> dict[str, Any]:
         if not regions:
             raise ValueError("declare at least one region")
-        for name in regions:
-            if not re.match(NAME_PATTERN, name):
-                raise ValueError(f"region name {name!r} must match {NAME_PATTERN}")
         return regions
 
     @model_validator(mode="after")
@@ -197,7 +212,13 @@ class Config(_Model):
         seen: set[str] = set()
         for site in self.sites:
             if site.name in seen:
-                raise ValueError(f"site name {site.name!r} is used twice")
+                # A distinct type lets scheduler.loader, which reports this with
+                # the exact line itself, recognise and skip it.
+                raise PydanticCustomError(
+                    DUPLICATE_SITE_ERROR,
+                    "site name '{name}' is used twice",
+                    {"name": site.name},
+                )
             seen.add(site.name)
         return self
 

@@ -1,0 +1,81 @@
+"""Dispatch: turn a site into one job per region on the bus (`crawl now`)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from regions.app import CRAWL_TASK, make_app
+from regions.bus import connect, declare_topology, publish_ingest, scrape_queue
+from regions.messages import Job, RunQueued, dump, utcnow
+from scheduler.config import Config
+from scheduler.errors import SchedulerError
+
+
+class DispatchError(SchedulerError):
+    """A dispatch request that cannot be honoured (unknown site or region)."""
+
+
+def plan_jobs(
+    config: Config,
+    site_name: str,
+    regions: Sequence[str] | None = None,
+    *,
+    trigger: str = "manual",
+    tick: str | None = None,
+) -> list[Job]:
+    """The jobs a dispatch would publish: one per region, each with a fresh run id."""
+    try:
+        site = config.site(site_name)
+    except KeyError as exc:
+        raise DispatchError(exc.args[0]) from None
+    chosen = list(regions) if regions else site.regions
+    for region in chosen:
+        if region not in config.regions:
+            declared = ", ".join(config.regions)
+            raise DispatchError(f"region {region!r} is not declared (declared: {declared})")
+    snapshot = config.resolved_site(site_name).model_dump(mode="json")
+    now = utcnow()
+    return [
+        Job(
+            run_id=str(uuid.uuid4()),
+            site=site_name,
+            region=region,
+            trigger=trigger,
+            tick=tick,
+            dispatched_at=now,
+            config=snapshot,
+        )
+        for region in chosen
+    ]
+
+
+def publish_jobs(jobs: Sequence[Job], broker_url: str | None = None) -> None:
+    """Record each run as queued (via ingest), then publish its job to its region.
+
+    The queued record goes first so that the store never sees a job run that
+    it did not know was dispatched.
+    """
+    app = make_app(broker_url, regions={job.region for job in jobs})
+    with connect(app.conf.broker_url) as conn:
+        declare_topology(conn, {job.region for job in jobs})
+        for job in jobs:
+            queued = RunQueued(
+                run_id=job.run_id,
+                site=job.site,
+                region=job.region,
+                trigger=job.trigger,
+                tick=job.tick,
+                queued_at=job.dispatched_at,
+            )
+            publish_ingest(conn, dump(queued))
+        with app.producer_or_acquire() as producer:
+            for job in jobs:
+                app.send_task(
+                    CRAWL_TASK,
+                    args=[dump(job)],
+                    task_id=job.run_id,
+                    queue=scrape_queue(job.region),
+                    routing_key=job.region,
+                    producer=producer,
+                )
