@@ -1,0 +1,16 @@
+"""A deterministic local shop site for tests and the demo.
+
+    with serve() as shop:            # a free port on 127.0.0.1
+        shop.url                     # "http://127.0.0.1:<port>"
+        shop.catalog.expected_items()
+        shop.access_log              # [(client address, path), ...]
+
+`python -m geoscrape.testsite --port 8801` serves one in the foreground.
+"""
+
+from __future__ import annotations
+
+from geoscrape.testsite.catalog import Catalog, Product
+from geoscrape.testsite.server import ShopPages, ShopServer, serve
+
+__all__ = ["Catalog", "Product", "ShopPages", "ShopServer", "serve"]

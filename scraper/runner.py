@@ -1,0 +1,320 @@
+"""Parent side of a crawl: runs inside the long-lived regional worker.
+
+`run_job` spawns `python -m scraper.child` (a fresh process per crawl: Twisted's
+reactor cannot restart, and long-lived crawlers leak), feeds it the Job, turns
+its events into bus messages and hands them to `publish`:
+
+    RunStarted, then ItemBatch (seq 0, 1, ...) and RunProgress as the crawl goes,
+    then the last ItemBatch and RunFinished (also returned).
+
+This module must not import Scrapy or Twisted (tests check it).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO
+
+from pydantic import BaseModel
+
+import scraper
+from regions.messages import (
+    Fetch,
+    Job,
+    RunFinished,
+    RunProgress,
+    RunStarted,
+    RunStats,
+    ScrapedItem,
+    utcnow,
+)
+from scraper.batching import Batcher
+from scraper.protocol import Done, ProtocolError, StatsTracker, decode_event
+
+log = logging.getLogger(__name__)
+
+CHILD_MODULE = "scraper.child"
+STDERR_TAIL_LINES = 40  # kept from the child's stderr for the failure message
+STDERR_LINE_MAX = 2000  # longer stderr lines are cut into pieces of this size
+ERROR_MAX_CHARS = 4000
+EXIT_GRACE_SECONDS = 30.0  # after "done", how long the child may take to exit
+EVENT_QUEUE_MAX = 10_000  # protocol lines read ahead of publishing
+
+_PR_SET_PDEATHSIG = 1
+_EOF = object()
+
+Publish = Callable[[BaseModel], None]
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl: Callable[..., int] = libc.prctl
+        return prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _load_prctl()  # loaded in the parent: nothing to look up after fork()
+
+
+def _child_setup(parent_pid: int) -> Callable[[], None] | None:
+    """preexec_fn: the child gets SIGKILL when the thread that spawned it dies.
+
+    PR_SET_PDEATHSIG follows the spawning *thread*: call run_job from a thread
+    that outlives the crawl (a Celery prefork task or the main thread does).
+    """
+    prctl = _prctl
+    if prctl is None:
+        return None
+
+    def setup() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(70)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(70)
+
+    return setup
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of the child: ours, plus this checkout on PYTHONPATH."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(scraper.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def spawn_child() -> subprocess.Popen[bytes]:
+    """`python -m scraper.child` in its own process group, tied to our life."""
+    return subprocess.Popen(
+        [sys.executable, "-m", CHILD_MODULE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_child_env(),
+        process_group=0,
+        preexec_fn=_child_setup(os.getpid()),
+        close_fds=True,
+    )
+
+
+def _pump_lines(stream: IO[bytes], out: queue.Queue[object], stop: threading.Event) -> None:
+    """Protocol lines into `out`. The queue is bounded: a child that outruns
+    `publish` blocks on its pipe instead of filling the worker's memory."""
+
+    def put(value: object) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(value, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for line in iter(stream.readline, b""):
+            if not put(line):
+                return
+    except (OSError, ValueError):  # the stream was closed under us
+        pass
+    put(_EOF)
+
+
+def _pump_stderr(stream: IO[bytes], tail: collections.deque[str]) -> None:
+    for raw in iter(lambda: stream.readline(STDERR_LINE_MAX), b""):
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        tail.append(line)
+        log.debug("child: %s", line)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the child's process group (only ours: it was started as its leader)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    proc.wait()
+
+
+def _death_message(returncode: int | None, tail: collections.deque[str]) -> str:
+    if returncode is not None and returncode < 0:
+        try:
+            how = f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"killed by signal {-returncode}"
+    else:
+        how = f"exit code {returncode}"
+    text = "\n".join(tail).strip()
+    message = f"crawl process died without finishing ({how})"
+    if text:
+        message += ":\n" + text
+    if len(message) > ERROR_MAX_CHARS:
+        message = message[:200] + "\n...\n" + message[-(ERROR_MAX_CHARS - 210) :]
+    return message
+
+
+def run_job(
+    job: Job,
+    publish: Publish,
+    *,
+    worker: str,
+    batch_items: int = 100,
+    batch_seconds: float = 1.0,
+    progress_seconds: float = 1.0,
+    timeout: float | None = None,
+) -> RunFinished:
+    """Run one job in a crawl child, publishing its messages; returns the RunFinished.
+
+    `batch_items` caps the entries (items + fetches) of one ItemBatch;
+    `batch_seconds` caps how long an entry waits; a RunProgress goes out every
+    `progress_seconds`. `timeout` (seconds, optional) kills a crawl that runs
+    longer. An exception from `publish` kills the child and propagates (the
+    job is redelivered: delivery is at-least-once).
+    """
+    clock = time.monotonic
+    publish(
+        RunStarted(
+            run_id=job.run_id,
+            site=job.site,
+            region=job.region,
+            worker=worker,
+            started_at=utcnow(),
+        )
+    )
+    stats = StatsTracker()
+    batcher = Batcher(
+        job.run_id, job.site, job.region, max_entries=batch_items, max_seconds=batch_seconds
+    )
+    done: Done | None = None
+    timed_out = False
+    events: queue.Queue[object] = queue.Queue(maxsize=EVENT_QUEUE_MAX)
+    stop_reading = threading.Event()
+    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+
+    proc = spawn_child()
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    readers = [
+        threading.Thread(target=_pump_lines, args=(proc.stdout, events, stop_reading), daemon=True),
+        threading.Thread(target=_pump_stderr, args=(proc.stderr, tail), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        try:
+            proc.stdin.write(job.model_dump_json().encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            log.warning("crawl child of run %s exited before reading its job", job.run_id)
+
+        next_progress = clock() + progress_seconds
+        give_up_at = clock() + timeout if timeout is not None else None
+        while True:
+            wake = min(t for t in (batcher.deadline(), next_progress, give_up_at) if t is not None)
+            try:
+                line = events.get(timeout=max(0.0, wake - clock()))
+            except queue.Empty:
+                line = None
+            if line is _EOF:
+                break
+            if isinstance(line, bytes):
+                done = _handle(line, batcher, stats, publish, done, job.run_id) or done
+            if (batch := batcher.poll()) is not None:
+                publish(batch)
+            now = clock()
+            if now >= next_progress:
+                publish(
+                    RunProgress(
+                        run_id=job.run_id, site=job.site, region=job.region, stats=stats.snapshot()
+                    )
+                )
+                next_progress = now + progress_seconds
+            if give_up_at is not None and now >= give_up_at and done is None:
+                log.warning("run %s timed out after %ss: killing the crawl", job.run_id, timeout)
+                timed_out = True
+                give_up_at = None
+                _kill(proc)
+        try:
+            returncode = proc.wait(timeout=EXIT_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            log.warning("crawl child of run %s did not exit after its last event", job.run_id)
+            _kill(proc)
+            returncode = proc.returncode
+    finally:
+        stop_reading.set()
+        _kill(proc)
+        for reader, stream in zip(readers, (proc.stdout, proc.stderr), strict=True):
+            reader.join(timeout=5)
+            if not reader.is_alive():  # closing under a blocked readline() could hang
+                stream.close()
+
+    if (batch := batcher.flush()) is not None:
+        publish(batch)
+    status: str
+    final_stats: RunStats
+    if done is not None:
+        status, error, final_stats = done.status, done.error, done.stats
+    else:
+        status, final_stats = "failed", stats.snapshot()
+        if timed_out:
+            error = f"crawl timed out after {timeout}s"
+        else:
+            error = _death_message(returncode, tail)
+    finished = RunFinished(
+        run_id=job.run_id,
+        site=job.site,
+        region=job.region,
+        status="succeeded" if status == "succeeded" else "failed",
+        finished_at=utcnow(),
+        stats=final_stats,
+        error=error,
+    )
+    publish(finished)
+    return finished
+
+
+def _handle(
+    line: bytes,
+    batcher: Batcher,
+    stats: StatsTracker,
+    publish: Publish,
+    done: Done | None,
+    run_id: str,
+) -> Done | None:
+    """Apply one protocol line; returns the Done event when this line is it."""
+    try:
+        event = decode_event(line)
+    except ProtocolError as exc:
+        log.warning("run %s: %s", run_id, exc)
+        return None
+    if done is not None:
+        log.warning("run %s: event after 'done' ignored", run_id)
+        return None
+    batch = None
+    if isinstance(event, ScrapedItem):
+        stats.add_item()
+        batch = batcher.add_item(event)
+    elif isinstance(event, Fetch):
+        stats.add_fetch(event)
+        batch = batcher.add_fetch(event)
+    else:
+        return event
+    if batch is not None:
+        publish(batch)
+    return None

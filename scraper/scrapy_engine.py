@@ -1,0 +1,305 @@
+"""The Scrapy engine: runs inside the crawl child only (it imports Twisted).
+
+A generic spider built from a ResolvedSite, or an existing spider
+("package.module:Class") run unchanged. Either way every response and every
+download error becomes a Fetch (via `FetchRecorderMiddleware`) and every item
+reaching `item_scraped` becomes a ScrapedItem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import scrapy
+from itemadapter import ItemAdapter
+from scrapy import signals
+from scrapy.crawler import Crawler, CrawlerProcess
+from scrapy.exceptions import (
+    CannotResolveHostError,
+    DownloadCancelledError,
+    DownloadConnectionRefusedError,
+    DownloadTimeoutError,
+    IgnoreRequest,
+    ResponseDataLossError,
+)
+from scrapy.http import Request, Response, TextResponse
+from scrapy.linkextractors import LinkExtractor
+from scrapy.utils.defer import deferred_from_coro
+from twisted.internet import defer, error
+from twisted.python.failure import Failure
+
+from regions.messages import Fetch, ScrapedItem
+from scheduler.config import ResolvedSite
+from scraper.errors import ScraperError
+from scraper.extract import extract_items
+from scraper.protocol import Recorder
+
+log = logging.getLogger(__name__)
+
+MAX_BYTES_EXCEEDED = "max_bytes exceeded"
+_MIDDLEWARE = "scraper.scrapy_engine.FetchRecorderMiddleware"
+
+
+# The run's recorder, for FetchRecorderMiddleware (Scrapy deep-copies settings, so it
+# cannot travel there). One crawl per process, so one global is enough.
+_recorder: Recorder | None = None
+
+
+class SpiderLoadError(ScraperError):
+    """The configured `spider` cannot be imported."""
+
+
+def max_depth(site: ResolvedSite) -> int:
+    if site.follow is not None and site.follow.max_depth is not None:
+        return site.follow.max_depth
+    return site.limits.max_depth
+
+
+def settings_for(site: ResolvedSite) -> dict[str, Any]:
+    politeness, limits = site.politeness, site.limits
+    depth = max_depth(site)
+    return {
+        "ROBOTSTXT_OBEY": politeness.robots == "obey",
+        "DOWNLOAD_DELAY": politeness.delay,
+        "CONCURRENT_REQUESTS": politeness.concurrency,
+        "CONCURRENT_REQUESTS_PER_DOMAIN": politeness.concurrency,
+        "DOWNLOAD_TIMEOUT": limits.timeout,
+        "DOWNLOAD_MAXSIZE": limits.max_bytes,
+        "DOWNLOAD_WARNSIZE": 0,
+        "USER_AGENT": politeness.user_agent,
+        # 0 means "no limit" to Scrapy; FetchRecorderMiddleware enforces depth 0.
+        "DEPTH_LIMIT": depth,
+        "TELNETCONSOLE_ENABLED": False,
+        # Scrapy 2.19+: an HTTP server that executes code; never in a worker.
+        "REMOTE_CONTROL_ENABLED": False,
+        "HTTPERROR_ALLOW_ALL": True,
+        "RETRY_TIMES": 1,
+        "LOG_LEVEL": "INFO",
+        "LOG_STDOUT": False,
+        "DOWNLOADER_MIDDLEWARES": {_MIDDLEWARE: 50},
+        "GEOSCRAPE_MAX_PAGES": limits.max_pages,
+        "GEOSCRAPE_MAX_DEPTH": depth,
+    }
+
+
+def short_error(exc: BaseException) -> str:
+    """A short, stable message for a download that got no usable response."""
+    if isinstance(exc, DownloadConnectionRefusedError | error.ConnectionRefusedError):
+        return "Connection refused"
+    if isinstance(exc, DownloadTimeoutError | error.TimeoutError | error.TCPTimedOutError):
+        return "Timeout"
+    if isinstance(exc, CannotResolveHostError | error.DNSLookupError):
+        return "DNS lookup failed"
+    if isinstance(exc, DownloadCancelledError | defer.CancelledError) or "max size" in str(exc):
+        return MAX_BYTES_EXCEEDED
+    if isinstance(exc, ResponseDataLossError):
+        return "Response data loss"
+    if isinstance(exc, error.ConnectionLost | error.ConnectionDone):
+        return "Connection lost"
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}"[:200] if text else name
+
+
+def _is_robots_request(request: Request) -> bool:
+    return bool(request.meta.get("dont_obey_robotstxt")) and (
+        urlsplit(request.url).path == "/robots.txt"
+    )
+
+
+class FetchRecorderMiddleware:
+    """Records a Fetch per final response / final download error; enforces limits.
+
+    Sits at priority 50, outside retries and redirects (higher numbers), so it
+    sees each request once with its final outcome. Once `max_pages` responses
+    arrived it drops every further request and response and closes the spider.
+    """
+
+    def __init__(self, crawler: Crawler) -> None:
+        self.crawler = crawler
+        if _recorder is None:
+            raise ScraperError("FetchRecorderMiddleware runs only inside scrapy_engine.run()")
+        self.recorder: Recorder = _recorder
+        self.max_pages: int = crawler.settings.getint("GEOSCRAPE_MAX_PAGES")
+        self.max_depth: int = crawler.settings.getint("GEOSCRAPE_MAX_DEPTH")
+        self.responses = 0
+        self._closing = False
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> FetchRecorderMiddleware:
+        return cls(crawler)
+
+    def _limit_reached(self) -> bool:
+        return self.responses >= self.max_pages
+
+    def _close(self) -> None:
+        if not self._closing and self.crawler.engine is not None:
+            self._closing = True
+            log.info("max_pages (%d) reached: closing the spider", self.max_pages)
+            closing = deferred_from_coro(self.crawler.engine.close_spider_async(reason="max_pages"))
+            closing.addErrback(lambda failure: log.error("closing failed: %s", failure.value))
+
+    def process_request(self, request: Request) -> None:
+        if _is_robots_request(request):
+            return None
+        if self._limit_reached():
+            raise IgnoreRequest("max_pages reached")
+        if request.meta.get("depth", 0) > self.max_depth:
+            raise IgnoreRequest("max_depth exceeded")
+        return None
+
+    def process_response(self, request: Request, response: Response) -> Response:
+        if _is_robots_request(request):
+            return response
+        if self._limit_reached():
+            raise IgnoreRequest("max_pages reached")
+        self.responses += 1
+        origin = (request.meta.get("redirect_urls") or [request.url])[0]
+        self.recorder.fetch(
+            Fetch(
+                url=origin,
+                status=response.status,
+                bytes=len(response.body),
+                final_url=response.url if response.url != origin else None,
+            )
+        )
+        if self._limit_reached():
+            self._close()
+        return response
+
+    def process_exception(self, request: Request, exception: Exception) -> None:
+        if isinstance(exception, IgnoreRequest) or _is_robots_request(request):
+            return None
+        origin = (request.meta.get("redirect_urls") or [request.url])[0]
+        self.recorder.fetch(Fetch(url=origin, status=None, error=short_error(exception)))
+        return None
+
+
+@dataclass
+class Extracted:
+    """What the generic spider yields: a ready ScrapedItem (an itemadapter dataclass)."""
+
+    item: ScrapedItem
+
+
+class SiteSpider(scrapy.Spider):
+    """The generic spider: start_urls, optional link following, the extract spec."""
+
+    name = "geoscrape"
+
+    def __init__(self, site: ResolvedSite, **kwargs: Any) -> None:
+        super().__init__(name=site.name, **kwargs)
+        self.site = site
+        self.start_urls = list(site.start_urls)
+        self.depth_limit = max_depth(site)
+        self.links = (
+            LinkExtractor(allow=site.follow.allow, deny=site.follow.deny)
+            if site.follow is not None
+            else None
+        )
+
+    async def start(self) -> AsyncIterator[Any]:
+        for url in self.start_urls:
+            yield Request(url, callback=self.parse)  # filtered: a link back is no refetch
+
+    def parse(self, response: Response, **kwargs: Any) -> Iterator[Any]:
+        if not 200 <= response.status < 300 or not isinstance(response, TextResponse):
+            return
+        if self.site.extract is not None:
+            items, problems = extract_items(response.selector, response.url, self.site.extract)
+            for problem in problems:
+                self.logger.warning("%s", problem)
+            for item in items:
+                yield Extracted(item)
+        if self.links is not None and response.meta.get("depth", 0) < self.depth_limit:
+            for link in self.links.extract_links(response):
+                yield response.follow(link.url, callback=self.parse)
+
+
+def load_spider(path: str) -> type[scrapy.Spider]:
+    module_name, _, class_name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        spider_cls = getattr(module, class_name)
+    except (ImportError, AttributeError) as exc:
+        raise SpiderLoadError(f"cannot load spider {path!r}: {exc}") from exc
+    if not (isinstance(spider_cls, type) and issubclass(spider_cls, scrapy.Spider)):
+        raise SpiderLoadError(f"{path!r} is not a scrapy.Spider subclass")
+    return spider_cls
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def item_key(data: dict[str, Any], key_field: str | None) -> str | None:
+    """The key of a custom spider's item: its key field, else a stable hash of it."""
+    if key_field is not None:
+        value = data.get(key_field)
+        return None if value is None else str(value)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class CrawlCrashed(ScraperError):
+    """The Scrapy crawl itself failed (not a page: the engine or the spider setup)."""
+
+
+def run(site: ResolvedSite, recorder: Recorder) -> str | None:
+    """Run the crawl to completion (blocks; once per process: the reactor can't restart).
+
+    Returns a note explaining an empty run, or None; raises CrawlCrashed.
+    """
+    global _recorder
+    spider_cls: type[scrapy.Spider] = SiteSpider
+    spider_kwargs: dict[str, Any] = {"site": site}
+    if site.spider is not None:
+        spider_cls, spider_kwargs = load_spider(site.spider), {}
+    key_field = site.extract.key if site.extract is not None else None
+
+    _recorder = recorder
+    logging.root.handlers.clear()  # Scrapy installs its own stderr handler (LOG_LEVEL)
+    process = CrawlerProcess(settings_for(site))
+    crawler = process.create_crawler(spider_cls)
+    crashes: list[str] = []
+
+    def on_item(item: Any, response: Response | None = None, **_: Any) -> None:
+        if isinstance(item, Extracted):
+            recorder.item(item.item)
+            return
+        data = _jsonable(ItemAdapter(item).asdict())
+        key = item_key(data, key_field)
+        url = response.url if response is not None else ""
+        if key is None:
+            log.warning("item without key %r on %s", key_field, url)
+            return
+        recorder.item(ScrapedItem(key=key, url=url, data=data))
+
+    def on_spider_error(**_: Any) -> None:
+        recorder.error()
+
+    crawler.signals.connect(on_item, signal=signals.item_scraped)
+    crawler.signals.connect(on_spider_error, signal=signals.spider_error)
+
+    def on_crash(failure: Failure) -> None:
+        crashes.append(f"{type(failure.value).__name__}: {failure.value}")
+        log.error("crawl crashed: %s", failure.getTraceback())
+
+    process.crawl(crawler, **spider_kwargs).addErrback(on_crash)
+    process.start(install_signal_handlers=False)
+
+    if recorder.duplicates:
+        log.info("%d item(s) with an already seen key dropped", recorder.duplicates)
+    if crashes:
+        raise CrawlCrashed(crashes[0])
+    forbidden = crawler.stats.get_value("robotstxt/forbidden", 0) if crawler.stats else 0
+    if forbidden and recorder.stats.pages == 0:
+        return f"no page was fetched ({forbidden} request(s) forbidden by robots.txt)"
+    return None
