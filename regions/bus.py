@@ -79,3 +79,32 @@ def publish_ingest(producer_connection: Connection, body: dict[str, object]) -> 
         declare=[INGEST_QUEUE],
         retry=True,
     )
+
+
+BROKER_HINT = (
+    "start RabbitMQ with 'docker compose up -d rabbitmq', or install the distribution "
+    "package (apt-get install rabbitmq-server) and run 'rabbitmq-server -detached'; "
+    "point geoscrape at it with GEOSCRAPE_BROKER_URL"
+)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))
+
+
+def check_broker(url: str | None = None) -> None:
+    """Raise BrokerUnavailable, with a one-line how-to, if RabbitMQ can't be reached."""
+    from regions.errors import BrokerUnavailable
+
+    url = url or broker_url()
+    try:
+        with connect(url) as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+    except Exception as exc:  # socket errors, auth errors, unknown vhost...
+        reason = str(exc) or type(exc).__name__
+        raise BrokerUnavailable(
+            f"cannot reach RabbitMQ at {redact(url)} ({reason}): {BROKER_HINT}"
+        ) from exc

@@ -14,9 +14,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
 SCHEMA_VERSION = 1
+MAX_INT64 = 2**63 - 1
+Count = Annotated[int, Field(ge=0, le=MAX_INT64)]
 
 RunStatus = Literal["queued", "running", "succeeded", "failed"]
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
@@ -28,7 +30,9 @@ def utcnow() -> datetime:
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
-    v: int = SCHEMA_VERSION
+    # A newer schema than this code knows is refused (kept as a bad message),
+    # never misread as the current one.
+    v: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
 
 
 class Job(_Message):
@@ -40,7 +44,7 @@ class Job(_Message):
     region: str
     trigger: str = "manual"
     tick: str | None = None
-    dispatched_at: datetime = Field(default_factory=utcnow)
+    dispatched_at: AwareDatetime = Field(default_factory=utcnow)
     # The validated site config (scheduler.config.Site.model_dump(mode="json")),
     # frozen at dispatch so a config edit never changes a job in flight.
     config: dict[str, Any]
@@ -56,8 +60,8 @@ class ScrapedItem(BaseModel):
 class Fetch(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
     url: str
-    status: int | None = None  # None: no HTTP response (DNS, refused, timeout...)
-    bytes: int = 0
+    status: int | None = Field(None, ge=100, le=999)  # None: no HTTP response
+    bytes: int = Field(0, ge=0, le=MAX_INT64)
     error: str | None = None
     final_url: str | None = None  # after redirects, when it differs
 
@@ -69,7 +73,7 @@ class RunQueued(_Message):
     region: str
     trigger: str = "manual"
     tick: str | None = None
-    queued_at: datetime
+    queued_at: AwareDatetime
 
 
 class RunStarted(_Message):
@@ -78,7 +82,7 @@ class RunStarted(_Message):
     site: str
     region: str
     worker: str
-    started_at: datetime
+    started_at: AwareDatetime
 
 
 class ItemBatch(_Message):
@@ -86,19 +90,19 @@ class ItemBatch(_Message):
     run_id: str
     site: str
     region: str
-    seq: int
-    observed_at: datetime
+    seq: Count
+    observed_at: AwareDatetime
     items: list[ScrapedItem] = []
     fetches: list[Fetch] = []
 
 
 class RunStats(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    pages: int = 0
-    items: int = 0
-    errors: int = 0
-    bytes: int = 0
-    duration: float = 0.0
+    pages: Count = 0
+    items: Count = 0
+    errors: Count = 0
+    bytes: Count = 0
+    duration: float = Field(0.0, ge=0)
     status_codes: dict[str, int] = {}
 
 
@@ -116,7 +120,7 @@ class RunFinished(_Message):
     site: str
     region: str
     status: Literal["succeeded", "failed"]
-    finished_at: datetime
+    finished_at: AwareDatetime
     stats: RunStats
     error: str | None = None
 

@@ -5,3 +5,15 @@ from __future__ import annotations
 
 class StorageError(Exception):
     """Root of every error raised by the storage package."""
+
+
+class UnsupportedDatabaseError(StorageError):
+    """The database URL names a backend geoscrape does not support (SQLite, PostgreSQL only)."""
+
+
+class SchemaError(StorageError):
+    """The database schema cannot be brought to this version of geoscrape.
+
+    Typically the database was migrated by a newer geoscrape (its revision is
+    unknown here), or a migration failed.
+    """

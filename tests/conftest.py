@@ -14,7 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-PG_ADMIN_DSN = os.environ.get("GEOSCRAPE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_DSN = os.environ.get(
+    "GEOSCRAPE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 AMQP_HOST = os.environ.get("GEOSCRAPE_TEST_AMQP_HOST", "guest:guest@127.0.0.1:5672")
 
 
@@ -38,6 +40,18 @@ def session_id() -> str:
 def broker_url(session_id: str) -> Iterator[str]:
     """A fresh RabbitMQ vhost for this test session, deleted afterwards."""
     vhost = f"geoscrape-test-{session_id}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield f"amqp://{AMQP_HOST}/{vhost}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def vhost_url() -> Iterator[str]:
+    """A fresh RabbitMQ vhost for one test: its queues start empty and vanish after."""
+    vhost = f"geoscrape-test-{uuid.uuid4().hex[:10]}"
     _rabbitmqctl("add_vhost", vhost)
     _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     try:

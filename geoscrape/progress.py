@@ -1,0 +1,92 @@
+"""Live progress of dispatched runs, read from the central store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from regions.messages import FINAL_STATUSES
+from storage.errors import StorageError
+from storage.queries import RunRow
+
+POLL_SECONDS = 0.5
+
+
+class WaitTimeout(StorageError):
+    """Runs did not finish within the time the user allowed."""
+
+
+def _table(runs: Sequence[RunRow], pending: set[str]) -> Table:
+    table = Table("region", "status", "pages", "items", "errors", title="crawl progress")
+    for run in runs:
+        stats = run.stats or {}
+        table.add_row(
+            run.region,
+            run.status,
+            str(stats.get("pages", 0)),
+            str(stats.get("items", 0)),
+            str(stats.get("errors", 0)),
+        )
+    for run_id in sorted(pending):
+        table.add_row("?", f"not yet seen by ingest ({run_id[:8]})", "-", "-", "-")
+    return table
+
+
+def _line(run: RunRow) -> str:
+    stats = run.stats or {}
+    return (
+        f"{run.site} {run.region}: {run.status}, {stats.get('pages', 0)} pages, "
+        f"{stats.get('items', 0)} items, {stats.get('errors', 0)} errors"
+    )
+
+
+def wait_for_runs(
+    db_url: str,
+    run_ids: Sequence[str],
+    *,
+    timeout: float = 3600,
+    console: Console | None = None,
+) -> list[RunRow]:
+    """Poll the store until every run is final; show a live table (or lines when piped)."""
+    from storage.db import make_engine, session_factory
+    from storage.migrate import ensure_schema
+    from storage.queries import get_runs
+
+    console = console or Console()
+    ensure_schema(db_url)  # ingest may not have created the tables yet
+    sessions = session_factory(make_engine(db_url))
+    deadline = time.monotonic() + timeout
+    last_lines: dict[str, str] = {}
+    live = Live(console=console, auto_refresh=False) if console.is_terminal else None
+    try:
+        if live:
+            live.start()
+        while True:
+            with sessions() as session:
+                runs = get_runs(session, list(run_ids))
+            pending = set(run_ids) - {r.id for r in runs}
+            if live:
+                live.update(_table(runs, pending), refresh=True)
+            else:
+                for run in runs:
+                    line = _line(run)
+                    if last_lines.get(run.id) != line:
+                        console.print(line, highlight=False)
+                        last_lines[run.id] = line
+            if not pending and all(r.status in FINAL_STATUSES for r in runs):
+                return runs
+            if time.monotonic() > deadline:
+                waiting = [r.region for r in runs if r.status not in FINAL_STATUSES]
+                raise WaitTimeout(
+                    f"runs not finished after {timeout:.0f}s (still waiting: "
+                    f"{', '.join(waiting) or 'ingest has not seen them'}); is a worker "
+                    "running for each region, and is 'geoscrape ingest' running?"
+                )
+            time.sleep(POLL_SECONDS)
+    finally:
+        if live:
+            live.stop()

@@ -1,0 +1,41 @@
+"""The Celery app: at-least-once settings shared by dispatchers and workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from celery import Celery
+
+from regions.bus import broker_url, scrape_queue
+
+CRAWL_TASK = "geoscrape.crawl"
+
+
+def make_app(url: str | None = None, regions: Iterable[str] = ()) -> Celery:
+    """A Celery app on the geoscrape bus, knowing the queues of `regions`."""
+    app = Celery("geoscrape", broker=url or broker_url(), set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # results travel over the ingest queue, not a backend
+        # At-least-once: a job is acked only after its crawl finished, and goes
+        # back to the queue if the worker dies mid-crawl.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_delivery_mode="persistent",
+        broker_transport_options={"confirm_publish": True},
+        broker_connection_retry_on_startup=True,
+        # Queues are declared by regions.bus with fixed arguments; Celery must
+        # never invent one (a typo'd region would silently build a backlog).
+        task_create_missing_queues=False,
+        task_queues=[scrape_queue(r) for r in regions],
+        # A regional worker may touch nothing on the bus but its own queue and
+        # ingest: no remote-control mailbox, no event exchange.
+        worker_enable_remote_control=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app

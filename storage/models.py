@@ -1,0 +1,171 @@
+"""The store's tables (SQLAlchemy 2.x typed declarative).
+
+- ``runs``: one row per run (one crawl of one site from one region), keyed by
+  the run id fixed at dispatch.
+- ``items``: the latest data per (site, region, key).
+- ``observations``: what each run saw, per key (history).
+- ``fetches``: every URL a run fetched, with its HTTP status.
+- ``bad_messages``: ingest messages that did not parse, kept for inspection.
+
+Every timestamp is stored and returned as an aware UTC datetime.
+Schema changes go through an Alembic revision in storage/migrations/versions.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names on every backend (SQLite batch migrations need names).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# JSON everywhere, JSONB on PostgreSQL.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# 64-bit surrogate keys; on SQLite only INTEGER PRIMARY KEY autoincrements.
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware timestamp, always UTC.
+
+    PostgreSQL stores ``timestamptz``. SQLite has no time zones, so values are
+    stored as naive UTC text in one fixed-width format (which keeps SQL
+    comparisons correct) and come back with tzinfo=UTC. A naive input is
+    taken as UTC.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(timezone=True)
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            value = value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSONType,
+    }
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (Index(None, "site", "region", "queued_at"),)
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    site: Mapped[str] = mapped_column(String)
+    region: Mapped[str] = mapped_column(String)
+    trigger: Mapped[str] = mapped_column(String)
+    tick: Mapped[str | None] = mapped_column(String)
+    # queued | running | succeeded | failed (later: skipped, expired, dead).
+    # A plain string, not a DB enum, so new statuses need no migration.
+    status: Mapped[str] = mapped_column(String)
+    queued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    worker: Mapped[str | None] = mapped_column(String)
+    stats: Mapped[dict[str, Any]]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    __table_args__ = (UniqueConstraint("site", "region", "key"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    site: Mapped[str] = mapped_column(String)
+    region: Mapped[str] = mapped_column(String)
+    key: Mapped[str] = mapped_column(Text)
+    url: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]]
+    first_run_id: Mapped[str] = mapped_column(String)
+    last_run_id: Mapped[str] = mapped_column(String)
+    first_seen_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+
+
+class Observation(Base):
+    __tablename__ = "observations"
+    __table_args__ = (
+        UniqueConstraint("run_id", "key"),
+        Index(None, "site", "region", "key"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    run_id: Mapped[str] = mapped_column(String, ForeignKey("runs.id", ondelete="CASCADE"))
+    site: Mapped[str] = mapped_column(String)
+    region: Mapped[str] = mapped_column(String)
+    key: Mapped[str] = mapped_column(Text)
+    url: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]]
+    observed_at: Mapped[datetime]
+
+
+class FetchRecord(Base):
+    __tablename__ = "fetches"
+    __table_args__ = (UniqueConstraint("run_id", "url"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    run_id: Mapped[str] = mapped_column(String, ForeignKey("runs.id", ondelete="CASCADE"))
+    region: Mapped[str] = mapped_column(String)
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[int | None] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    final_url: Mapped[str | None] = mapped_column(Text)
+    fetched_at: Mapped[datetime]
+
+
+class BadMessage(Base):
+    __tablename__ = "bad_messages"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    received_at: Mapped[datetime]
+    body: Mapped[str] = mapped_column(Text)
+    error: Mapped[str] = mapped_column(Text)
+
+
+# The Core tables, for set-based statements.
+runs = cast(Table, Run.__table__)
+items = cast(Table, Item.__table__)
+observations = cast(Table, Observation.__table__)
+fetches = cast(Table, FetchRecord.__table__)
+bad_messages = cast(Table, BadMessage.__table__)

@@ -1,0 +1,146 @@
+"""Read-side queries of the store, returning typed, immutable rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from storage.models import FetchRecord, Item, Run
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    id: str
+    site: str
+    region: str
+    trigger: str
+    tick: str | None
+    status: str
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker: str | None
+    stats: dict[str, Any]
+    error: str | None
+
+    @classmethod
+    def of(cls, run: Run) -> RunRow:
+        return cls(
+            id=run.id,
+            site=run.site,
+            region=run.region,
+            trigger=run.trigger,
+            tick=run.tick,
+            status=run.status,
+            queued_at=run.queued_at,
+            started_at=run.started_at,
+            finished_at=run.finished_at,
+            worker=run.worker,
+            stats=dict(run.stats),
+            error=run.error,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ItemRow:
+    site: str
+    region: str
+    key: str
+    url: str
+    data: dict[str, Any]
+    first_run_id: str
+    last_run_id: str
+    first_seen_at: datetime
+    last_seen_at: datetime
+
+    @classmethod
+    def of(cls, item: Item) -> ItemRow:
+        return cls(
+            site=item.site,
+            region=item.region,
+            key=item.key,
+            url=item.url,
+            data=dict(item.data),
+            first_run_id=item.first_run_id,
+            last_run_id=item.last_run_id,
+            first_seen_at=item.first_seen_at,
+            last_seen_at=item.last_seen_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FetchRow:
+    run_id: str
+    region: str
+    url: str
+    status: int | None
+    bytes: int
+    error: str | None
+    final_url: str | None
+    fetched_at: datetime
+
+    @classmethod
+    def of(cls, fetch: FetchRecord) -> FetchRow:
+        return cls(
+            run_id=fetch.run_id,
+            region=fetch.region,
+            url=fetch.url,
+            status=fetch.status,
+            bytes=fetch.bytes,
+            error=fetch.error,
+            final_url=fetch.final_url,
+            fetched_at=fetch.fetched_at,
+        )
+
+
+def list_runs(
+    session: Session,
+    site: str | None = None,
+    region: str | None = None,
+    status: str | None = None,
+    limit: int = 50,
+) -> list[RunRow]:
+    """Runs, newest first (by queued time, else start, else finish time)."""
+    stmt = select(Run)
+    if site is not None:
+        stmt = stmt.where(Run.site == site)
+    if region is not None:
+        stmt = stmt.where(Run.region == region)
+    if status is not None:
+        stmt = stmt.where(Run.status == status)
+    # A run known only from a late message has no queued_at yet.
+    newest = func.coalesce(Run.queued_at, Run.started_at, Run.finished_at)
+    stmt = stmt.order_by(newest.desc().nulls_last(), Run.id.desc()).limit(limit)
+    return [RunRow.of(r) for r in session.scalars(stmt)]
+
+
+def get_runs(session: Session, run_ids: Sequence[str]) -> list[RunRow]:
+    """The given runs in the order asked; unknown ids are left out."""
+    if not run_ids:
+        return []
+    found = {r.id: r for r in session.scalars(select(Run).where(Run.id.in_(set(run_ids))))}
+    return [RunRow.of(found[i]) for i in dict.fromkeys(run_ids) if i in found]
+
+
+def list_items(session: Session, site: str, region: str | None = None) -> list[ItemRow]:
+    """The latest data of every item of ``site``, ordered by region then key."""
+    stmt = select(Item).where(Item.site == site)
+    if region is not None:
+        stmt = stmt.where(Item.region == region)
+    stmt = stmt.order_by(Item.region, Item.key)
+    return [ItemRow.of(i) for i in session.scalars(stmt)]
+
+
+def list_fetches(session: Session, run_id: str) -> list[FetchRow]:
+    """Every URL the run fetched, in the order the batches were observed."""
+    stmt = (
+        select(FetchRecord)
+        .where(FetchRecord.run_id == run_id)
+        .order_by(FetchRecord.fetched_at, FetchRecord.id)
+    )
+    return [FetchRow.of(f) for f in session.scalars(stmt)]

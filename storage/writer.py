@@ -1,0 +1,297 @@
+"""Idempotent application of ingest messages to the store.
+
+Delivery is at-least-once and unordered, so every message may arrive any
+number of times, in any order. ``apply_message`` is written so that applying
+a message again leaves every table unchanged, and the final state does not
+depend on the order of arrival:
+
+- The run row is created by whichever message comes first (a placeholder
+  built from that message), then only ever moved forward: a status goes up
+  in rank (queued < running < succeeded/failed), never down.
+- Observations and fetches are inserted once per (run_id, key) and
+  (run_id, url); a redelivered batch inserts nothing.
+- An item (site, region, key) keeps the data of its newest observation; an
+  older batch arriving late only pushes first_seen_at back if it is earlier.
+
+Every write is one set-based SQL statement (atomic on its own), so two ingest
+processes can apply messages concurrently.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Table, case, or_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from regions.messages import (
+    ItemBatch,
+    RunFinished,
+    RunProgress,
+    RunQueued,
+    RunStarted,
+    ScrapedItem,
+)
+from storage.errors import UnsupportedDatabaseError
+from storage.models import bad_messages, fetches, items, observations, runs
+
+# A status only moves to a higher rank. Statuses not listed (later: skipped,
+# expired, dead) are final.
+STATUS_RANK: dict[str, int] = {"queued": 0, "running": 1, "succeeded": 2, "failed": 2}
+FINAL_RANK = 2
+
+# Placeholder for a run first seen through a message other than RunQueued.
+UNKNOWN_TRIGGER = "unknown"
+
+IngestMessage = RunQueued | RunStarted | ItemBatch | RunProgress | RunFinished
+
+
+def status_rank(status: str) -> int:
+    return STATUS_RANK.get(status, FINAL_RANK)
+
+
+def _rank_of(column: ColumnElement[str]) -> ColumnElement[int]:
+    return case(STATUS_RANK, value=column, else_=FINAL_RANK)
+
+
+def insert(session: Session, table: Table) -> sqlite.Insert | postgresql.Insert:
+    """An INSERT supporting ON CONFLICT for the session's database."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise UnsupportedDatabaseError(f"no upsert support for {dialect!r}")
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _clean(value: Any) -> Any:
+    """Make scraped values storable everywhere.
+
+    PostgreSQL rejects NUL characters in text and JSONB, and no database
+    takes lone surrogates (not UTF-8 encodable). Both become U+FFFD on every
+    backend, so SQLite and PostgreSQL hold the same data.
+    """
+    if isinstance(value, str):
+        if "\x00" in value:
+            value = value.replace("\x00", "\ufffd")
+        return _SURROGATES.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _cleaned(msg: IngestMessage) -> IngestMessage:
+    return type(msg).model_validate(_clean(msg.model_dump()))
+
+
+# --- runs --------------------------------------------------------------------
+
+
+def _ensure_run(session: Session, msg: IngestMessage, status: str, **fields: Any) -> None:
+    """Create the run row from ``msg`` unless it exists (any message may come first)."""
+    row: dict[str, Any] = {
+        "id": msg.run_id,
+        "site": msg.site,
+        "region": msg.region,
+        "trigger": UNKNOWN_TRIGGER,
+        "tick": None,
+        "status": status,
+        "queued_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "worker": None,
+        "stats": {},
+        "error": None,
+    }
+    row.update(fields)
+    stmt = insert(session, runs).values(row)
+    session.execute(stmt.on_conflict_do_nothing(index_elements=[runs.c.id]))
+
+
+def _raise_status(session: Session, run_id: str, status: str) -> None:
+    """Move the run's status up to ``status`` if it is below it."""
+    session.execute(
+        update(runs)
+        .where(runs.c.id == run_id, _rank_of(runs.c.status) < status_rank(status))
+        .values(status=status)
+    )
+
+
+def _apply_queued(session: Session, msg: RunQueued) -> None:
+    fields = {"trigger": msg.trigger, "tick": msg.tick, "queued_at": msg.queued_at}
+    _ensure_run(session, msg, "queued", **fields)
+    session.execute(update(runs).where(runs.c.id == msg.run_id).values(fields))
+
+
+def _apply_started(session: Session, msg: RunStarted) -> None:
+    _ensure_run(session, msg, "running", started_at=msg.started_at, worker=msg.worker)
+    _raise_status(session, msg.run_id, "running")
+    # A job retried on another worker starts again: the latest attempt wins,
+    # whatever order the two RunStarted arrive in.
+    started = runs.c.started_at
+    session.execute(
+        update(runs)
+        .where(runs.c.id == msg.run_id, or_(started.is_(None), started < msg.started_at))
+        .values(started_at=msg.started_at, worker=msg.worker)
+    )
+
+
+def _apply_progress(session: Session, msg: RunProgress) -> None:
+    stats = msg.stats.model_dump(mode="json")
+    _ensure_run(session, msg, "running", stats=stats)
+    _raise_status(session, msg.run_id, "running")
+    session.execute(
+        update(runs)
+        .where(runs.c.id == msg.run_id, _rank_of(runs.c.status) < FINAL_RANK)
+        .values(stats=stats)
+    )
+
+
+def _apply_finished(session: Session, msg: RunFinished) -> None:
+    fields = {
+        "finished_at": msg.finished_at,
+        "stats": msg.stats.model_dump(mode="json"),
+        "error": msg.error,
+    }
+    _ensure_run(session, msg, msg.status, **fields)
+    # The first final status wins; a redelivery (or a second, late verdict) changes nothing.
+    session.execute(
+        update(runs)
+        .where(runs.c.id == msg.run_id, _rank_of(runs.c.status) < FINAL_RANK)
+        .values(status=msg.status, **fields)
+    )
+
+
+# --- item batches ------------------------------------------------------------
+
+
+def _execute_many(session: Session, stmt: Any, rows: Iterable[Mapping[str, Any]]) -> None:
+    params = list(rows)
+    if params:
+        session.execute(stmt, params)
+
+
+def _apply_batch(session: Session, msg: ItemBatch) -> None:
+    _ensure_run(session, msg, "running")
+    _raise_status(session, msg.run_id, "running")
+    observed_at: datetime = msg.observed_at
+
+    # One row per key: the first occurrence in the batch, as observations keep it.
+    unique: dict[str, ScrapedItem] = {}
+    for item in msg.items:
+        unique.setdefault(item.key, item)
+
+    _execute_many(
+        session,
+        insert(session, observations).on_conflict_do_nothing(
+            index_elements=[observations.c.run_id, observations.c.key]
+        ),
+        (
+            {
+                "run_id": msg.run_id,
+                "site": msg.site,
+                "region": msg.region,
+                "key": it.key,
+                "url": it.url,
+                "data": it.data,
+                "observed_at": observed_at,
+            }
+            for it in unique.values()
+        ),
+    )
+
+    upsert = insert(session, items)
+    new = upsert.excluded
+    newer = new.last_seen_at >= items.c.last_seen_at
+    earlier = new.first_seen_at < items.c.first_seen_at
+
+    def latest(col: str) -> Any:
+        return case((newer, new[col]), else_=items.c[col])
+
+    def first(col: str) -> Any:
+        return case((earlier, new[col]), else_=items.c[col])
+
+    _execute_many(
+        session,
+        upsert.on_conflict_do_update(
+            index_elements=[items.c.site, items.c.region, items.c.key],
+            set_={
+                "url": latest("url"),
+                "data": latest("data"),
+                "last_run_id": latest("last_run_id"),
+                "last_seen_at": latest("last_seen_at"),
+                "first_run_id": first("first_run_id"),
+                "first_seen_at": first("first_seen_at"),
+            },
+            where=or_(newer, earlier),
+        ),
+        (
+            {
+                "site": msg.site,
+                "region": msg.region,
+                "key": it.key,
+                "url": it.url,
+                "data": it.data,
+                "first_run_id": msg.run_id,
+                "last_run_id": msg.run_id,
+                "first_seen_at": observed_at,
+                "last_seen_at": observed_at,
+            }
+            for it in unique.values()
+        ),
+    )
+
+    _execute_many(
+        session,
+        insert(session, fetches).on_conflict_do_nothing(
+            index_elements=[fetches.c.run_id, fetches.c.url]
+        ),
+        (
+            {
+                "run_id": msg.run_id,
+                "region": msg.region,
+                "url": f.url,
+                "status": f.status,
+                "bytes": f.bytes,
+                "error": f.error,
+                "final_url": f.final_url,
+                "fetched_at": observed_at,
+            }
+            for f in msg.fetches
+        ),
+    )
+
+
+def apply_message(session: Session, msg: IngestMessage) -> None:
+    """Apply one parsed ingest message; the caller commits (or rolls back)."""
+    msg = _cleaned(msg)
+    if isinstance(msg, ItemBatch):
+        _apply_batch(session, msg)
+    elif isinstance(msg, RunQueued):
+        _apply_queued(session, msg)
+    elif isinstance(msg, RunStarted):
+        _apply_started(session, msg)
+    elif isinstance(msg, RunProgress):
+        _apply_progress(session, msg)
+    elif isinstance(msg, RunFinished):
+        _apply_finished(session, msg)
+    else:  # pragma: no cover - parse_ingest only returns the kinds above
+        raise TypeError(f"not an ingest message: {type(msg).__name__}")
+
+
+def record_bad_message(session: Session, body: str, error: str, received_at: datetime) -> None:
+    """Keep a message that could not be applied; the caller commits."""
+    session.execute(
+        bad_messages.insert().values(
+            received_at=received_at, body=_clean(body), error=_clean(error)
+        )
+    )
