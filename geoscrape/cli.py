@@ -7,12 +7,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from geoscrape import output
+from geoscrape import cli_query, cli_regions, cli_reliability, cli_schedule, output
+from geoscrape.clikit import DEFAULT_CONFIG, ConfigOption, database_url, err, out, sessions
 from regions.errors import RegionsError
 from scheduler.errors import SchedulerError
 from scraper.errors import ScraperError
@@ -29,38 +29,6 @@ db_app = typer.Typer(help="The central store's schema.", no_args_is_help=True)
 dev_app = typer.Typer(help="Development and test tooling.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(dev_app, name="dev")
-
-# Piped output (CI logs, `| less`) gets wide tables instead of rich's 80 columns.
-_PIPE_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True, width=_PIPE_WIDTH)
-
-ConfigOption = Annotated[
-    Path,
-    typer.Option(
-        "--config",
-        "-c",
-        envvar="GEOSCRAPE_CONFIG",
-        help="The sites file (env GEOSCRAPE_CONFIG).",
-    ),
-]
-DEFAULT_CONFIG = Path("sites.yaml")
-
-
-def _database_url() -> str:
-    from storage.db import database_url
-
-    return database_url()
-
-
-def _sessions() -> Any:
-    """Sessions on the store, its schema brought up to date first."""
-    from storage.db import make_engine, session_factory
-    from storage.migrate import ensure_schema
-
-    url = _database_url()
-    ensure_schema(url)
-    return session_factory(make_engine(url))
 
 
 @app.command()
@@ -100,7 +68,7 @@ def ingest() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     check_broker()
-    url = _database_url()
+    url = database_url()
     err.print(f"ingest: writing to {output.redact_db(url)}", highlight=False)
     # SIGTERM (docker stop, the demo) finishes the message in hand, then exits.
     stopping = threading.Event()
@@ -132,7 +100,7 @@ def crawl(
     if wait:
         from geoscrape.progress import wait_for_runs
 
-        runs = wait_for_runs(_database_url(), [j.run_id for j in jobs], timeout=timeout)
+        runs = wait_for_runs(database_url(), [j.run_id for j in jobs], timeout=timeout)
         output.print_runs(out, runs)
         if any(r.status != "succeeded" for r in runs):
             raise typer.Exit(1)
@@ -148,7 +116,7 @@ def runs(
     """List recent runs, newest first."""
     from storage.queries import list_runs
 
-    with _sessions()() as session:
+    with sessions()() as session:
         rows = list_runs(session, site=site, region=region, status=status, limit=limit)
     output.print_runs(out, rows)
 
@@ -162,7 +130,7 @@ def items(
     """The latest items of SITE, per region."""
     from storage.queries import list_items
 
-    with _sessions()() as session:
+    with sessions()() as session:
         rows = list_items(session, site, region=region)
     output.print_items(out, rows, format)
 
@@ -172,7 +140,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply schema migrations (env GEOSCRAPE_DATABASE_URL)."""
     from storage.migrate import current_revision, upgrade
 
-    url = _database_url()
+    url = database_url()
     upgrade(url, revision)
     out.print(f"{output.redact_db(url)} at revision {current_revision(url)}", highlight=False)
 
@@ -201,6 +169,9 @@ def dev_shop(
 
     serve_main(["--host", host, "--port", str(port), "--products", str(products)])
 
+
+for area in (cli_schedule, cli_regions, cli_query, cli_reliability):
+    area.register(app)
 
 ERRORS = (SchedulerError, RegionsError, ScraperError, StorageError)
 

@@ -20,8 +20,11 @@ SCHEMA_VERSION = 1
 MAX_INT64 = 2**63 - 1
 Count = Annotated[int, Field(ge=0, le=MAX_INT64)]
 
-RunStatus = Literal["queued", "running", "succeeded", "failed"]
-FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
+# skipped: the scheduler did not dispatch a tick (overlap); expired: no worker
+# started the job in time; dead: the job was dead-lettered after failing repeatedly.
+FinalStatus = Literal["succeeded", "failed", "skipped", "expired", "dead"]
+RunStatus = Literal["queued", "running", "succeeded", "failed", "skipped", "expired", "dead"]
+FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "skipped", "expired", "dead"})
 
 
 def utcnow() -> datetime:
@@ -119,7 +122,7 @@ class RunFinished(_Message):
     run_id: str
     site: str
     region: str
-    status: Literal["succeeded", "failed"]
+    status: FinalStatus
     finished_at: AwareDatetime
     stats: RunStats
     error: str | None = None

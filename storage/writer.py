@@ -29,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from regions.messages import (
+    FINAL_STATUSES,
     ItemBatch,
     RunFinished,
     RunProgress,
@@ -41,7 +42,7 @@ from storage.models import bad_messages, fetches, items, observations, runs
 
 # A status only moves to a higher rank. Statuses not listed (later: skipped,
 # expired, dead) are final.
-STATUS_RANK: dict[str, int] = {"queued": 0, "running": 1, "succeeded": 2, "failed": 2}
+STATUS_RANK: dict[str, int] = {"queued": 0, "running": 1} | dict.fromkeys(FINAL_STATUSES, 2)
 FINAL_RANK = 2
 
 # Placeholder for a run first seen through a message other than RunQueued.
