@@ -6,6 +6,7 @@
 - ``observations``: what each run saw, per key (history).
 - ``fetches``: every URL a run fetched, with its HTTP status.
 - ``bad_messages``: ingest messages that did not parse, kept for inspection.
+- ``dead_jobs``: dead-lettered jobs, kept for `geoscrape dead` and requeue.
 
 Every timestamp is stored and returned as an aware UTC datetime.
 Schema changes go through an Alembic revision in storage/migrations/versions.
@@ -163,9 +164,27 @@ class BadMessage(Base):
     error: Mapped[str] = mapped_column(Text)
 
 
+class DeadJob(Base):
+    """A job RabbitMQ dead-lettered into `scrape.dead` for a reason other than expiry
+    (a poison job rejected after repeated failures), kept so a human can requeue it."""
+
+    __tablename__ = "dead_jobs"
+
+    run_id: Mapped[str] = mapped_column(String, primary_key=True)
+    site: Mapped[str] = mapped_column(String)
+    region: Mapped[str] = mapped_column(String)
+    reason: Mapped[str] = mapped_column(String)  # x-death reason: rejected, maxlen...
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer)
+    job: Mapped[dict[str, Any]] = mapped_column(JSONType)  # the Job body, to republish
+    dead_at: Mapped[datetime]
+    requeued_at: Mapped[datetime | None]
+
+
 # The Core tables, for set-based statements.
 runs = cast(Table, Run.__table__)
 items = cast(Table, Item.__table__)
 observations = cast(Table, Observation.__table__)
 fetches = cast(Table, FetchRecord.__table__)
 bad_messages = cast(Table, BadMessage.__table__)
+dead_jobs = cast(Table, DeadJob.__table__)
