@@ -77,6 +77,8 @@ class RunQueued(_Message):
     trigger: str = "manual"
     tick: str | None = None
     queued_at: AwareDatetime
+    # The Job body as published, kept centrally so a lost job can be redelivered.
+    job: dict[str, Any] | None = None
 
 
 class RunStarted(_Message):

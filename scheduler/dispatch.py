@@ -67,6 +67,7 @@ def publish_jobs(jobs: Sequence[Job], broker_url: str | None = None) -> None:
                 trigger=job.trigger,
                 tick=job.tick,
                 queued_at=job.dispatched_at,
+                job=dump(job),
             )
             publish_ingest(conn, dump(queued))
         with app.producer_or_acquire() as producer:

@@ -7,6 +7,7 @@
 - ``fetches``: every URL a run fetched, with its HTTP status.
 - ``bad_messages``: ingest messages that did not parse, kept for inspection.
 - ``dead_jobs``: dead-lettered jobs, kept for `geoscrape dead` and requeue.
+- ``workers``: regional workers as last heard from (heartbeats).
 
 Every timestamp is stored and returned as an aware UTC datetime.
 Schema changes go through an Alembic revision in storage/migrations/versions.
@@ -105,6 +106,25 @@ class Run(Base):
     worker: Mapped[str | None] = mapped_column(String)
     stats: Mapped[dict[str, Any]]
     error: Mapped[str | None] = mapped_column(Text)
+    # The job as dispatched (from RunQueued), so the centre can redeliver it.
+    job: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # Deliveries of the job that started a crawl (poison-job accounting).
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class Worker(Base):
+    """A regional worker as last heard from (its heartbeats travel over ingest)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String, primary_key=True)  # region@host:pid
+    region: Mapped[str] = mapped_column(String)
+    host: Mapped[str] = mapped_column(String)
+    pid: Mapped[int] = mapped_column(Integer)
+    egress: Mapped[str | None] = mapped_column(String)  # source address, when known
+    started_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+    stopped_at: Mapped[datetime | None]
 
 
 class Item(Base):
@@ -188,3 +208,4 @@ observations = cast(Table, Observation.__table__)
 fetches = cast(Table, FetchRecord.__table__)
 bad_messages = cast(Table, BadMessage.__table__)
 dead_jobs = cast(Table, DeadJob.__table__)
+workers = cast(Table, Worker.__table__)

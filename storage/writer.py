@@ -112,6 +112,8 @@ def _ensure_run(session: Session, msg: IngestMessage, status: str, **fields: Any
         "worker": None,
         "stats": {},
         "error": None,
+        "job": None,
+        "attempts": 0,
     }
     row.update(fields)
     stmt = insert(session, runs).values(row)
@@ -128,7 +130,9 @@ def _raise_status(session: Session, run_id: str, status: str) -> None:
 
 
 def _apply_queued(session: Session, msg: RunQueued) -> None:
-    fields = {"trigger": msg.trigger, "tick": msg.tick, "queued_at": msg.queued_at}
+    fields: dict[str, Any] = {"trigger": msg.trigger, "tick": msg.tick, "queued_at": msg.queued_at}
+    if msg.job is not None:
+        fields["job"] = msg.job
     _ensure_run(session, msg, "queued", **fields)
     session.execute(update(runs).where(runs.c.id == msg.run_id).values(fields))
 
