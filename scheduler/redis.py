@@ -1,0 +1,47 @@
+"""The central Redis the scheduler keeps its lease, tick claims and last ticks in."""
+
+from __future__ import annotations
+
+import os
+
+import redis
+
+from scheduler.errors import SchedulerError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_PREFIX = "geoscrape:"
+
+
+class RedisUnavailable(SchedulerError):
+    """Redis cannot be reached at start."""
+
+
+def redis_url() -> str:
+    return os.environ.get("GEOSCRAPE_REDIS_URL", DEFAULT_REDIS_URL)
+
+
+def redis_prefix() -> str:
+    """Prefix of every key geoscrape writes (env GEOSCRAPE_REDIS_PREFIX)."""
+    return os.environ.get("GEOSCRAPE_REDIS_PREFIX", DEFAULT_PREFIX)
+
+
+def connect_redis(url: str | None = None) -> redis.Redis:
+    """A client with short timeouts (a hung Redis must not hang the beat); checked once."""
+    url = url or redis_url()
+    try:
+        client = redis.Redis.from_url(
+            url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True
+        )
+        client.ping()
+    except (redis.RedisError, ValueError) as exc:
+        raise RedisUnavailable(
+            f"cannot reach Redis at {_redact(url)} ({exc}): start redis-server, or point "
+            "geoscrape at it with GEOSCRAPE_REDIS_URL"
+        ) from exc
+    return client
+
+
+def _redact(url: str) -> str:
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))

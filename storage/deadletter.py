@@ -1,0 +1,151 @@
+"""The dead-letter queue `scrape.dead`, consumed inside `geoscrape ingest`.
+
+RabbitMQ moves a job there from `scrape.<region>` with an `x-death` header
+whose reason says why:
+
+- `expired`: its per-message TTL (the site's next tick) passed before any
+  worker took it; the run becomes `expired`, the error naming the region and
+  the deadline. Nothing else is kept: the next tick dispatches afresh.
+- anything else (`rejected`: a worker refused it, e.g. a job for another
+  region; `maxlen`, `delivery_limit`; and `lease`, which does not come from
+  RabbitMQ: ingest's reaper (storage/reaper.py) records a poison job that
+  lost its lease GEOSCRAPE_MAX_ATTEMPTS times the same way): the job is kept in
+  `dead_jobs` (attempts from the x-death count) for a human to inspect and
+  requeue, and the run becomes `dead`.
+
+Ingest applies a dead letter like any ingest message: committed, then acked;
+a redelivery changes nothing (the run's first final status wins, the
+dead_jobs row is keyed by run id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kombu import Consumer
+from kombu.message import Message
+from sqlalchemy.orm import Session
+
+from regions.app import CRAWL_TASK
+from regions.bus import DEAD_QUEUE
+from regions.messages import (
+    Job,
+    MessageError,
+    RunFinished,
+    RunQueued,
+    RunStats,
+    dump,
+    expired_run,
+    utcnow,
+)
+from storage.models import dead_jobs
+from storage.writer import apply_message, insert
+
+LEASE_REASON = "lease"  # a run the reaper gave up on (not an x-death reason)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    job: Job
+    reason: str  # the x-death reason of the latest death
+    queue: str  # the queue it died in
+    attempts: int  # deliveries counted by RabbitMQ for that queue and reason
+    dead_at: datetime
+    lease: float = 0.0  # reason "lease": the lease that lapsed, seconds
+
+    @property
+    def verdict(self) -> RunFinished:
+        """The run's final status: expired, or dead."""
+        if self.reason == "expired":
+            return expired_run(self.job, at=self.dead_at)
+        times = "time" if self.attempts == 1 else "times"
+        error = f"dead-lettered from {self.queue} ({self.reason}, {self.attempts} {times})"
+        if self.reason == LEASE_REASON:
+            error = (
+                f"dead after {self.attempts} {'attempt' if self.attempts == 1 else 'attempts'}: "
+                f"each time its worker stopped sending heartbeats for {self.lease:g}s "
+                "(the crawl killed its worker, or the worker died)"
+            )
+        return RunFinished(
+            run_id=self.job.run_id,
+            site=self.job.site,
+            region=self.job.region,
+            status="dead",
+            finished_at=self.dead_at,
+            stats=RunStats(),
+            error=error,
+        )
+
+
+def parse_dead_letter(message: Message) -> DeadLetter:
+    """A geoscrape job message from `scrape.dead`; MessageError for anything else."""
+    headers = message.headers or {}
+    if headers.get("task") != CRAWL_TASK:
+        raise MessageError(f"not a {CRAWL_TASK} job (task {headers.get('task')!r})")
+    try:
+        args = message.decode()[0]  # Celery protocol 2: [args, kwargs, embed]
+        job = Job.model_validate(args[0])
+    except Exception as exc:
+        raise MessageError(f"not a valid job: {exc}") from exc
+    deaths = headers.get("x-death") or [{}]
+    latest: dict[str, Any] = deaths[0]  # RabbitMQ keeps the most recent death first
+    when = latest.get("time")
+    if isinstance(when, datetime):
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    else:
+        when = utcnow()
+    return DeadLetter(
+        job=job,
+        reason=str(latest.get("reason", "unknown")),
+        queue=str(latest.get("queue", f"scrape.{job.region}")),
+        attempts=int(latest.get("count", 1)),
+        dead_at=when,
+    )
+
+
+def apply_dead_letter(session: Session, dead: DeadLetter) -> None:
+    """Record a dead letter; the caller commits. Idempotent."""
+    job = dead.job
+    # The run row as the dispatcher described it, whichever message came first.
+    queued = RunQueued(
+        run_id=job.run_id,
+        site=job.site,
+        region=job.region,
+        trigger=job.trigger,
+        tick=job.tick,
+        queued_at=job.dispatched_at,
+        job=dump(job),
+    )
+    apply_message(session, queued)
+    verdict = dead.verdict
+    if dead.reason != "expired":
+        row = {
+            "run_id": job.run_id,
+            "site": job.site,
+            "region": job.region,
+            "reason": dead.reason,
+            "error": verdict.error,
+            "attempts": dead.attempts,
+            "job": dump(job),
+            "dead_at": dead.dead_at,
+            "requeued_at": None,
+        }
+        stmt = insert(session, dead_jobs).values(row)
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[dead_jobs.c.run_id],
+                set_={k: v for k, v in row.items() if k != "run_id"},
+            )
+        )
+    apply_message(session, verdict)
+
+
+def dead_letter_consumer(
+    consumer_cls: Callable[..., Consumer], on_message: Callable[[Message], None], prefetch: int
+) -> Consumer:
+    return consumer_cls(
+        queues=[DEAD_QUEUE], on_message=on_message, accept=["json"], prefetch_count=prefetch
+    )
