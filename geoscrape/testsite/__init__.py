@@ -6,11 +6,13 @@
         shop.access_log              # [(client address, path), ...]
 
 `python -m geoscrape.testsite --port 8801` serves one in the foreground.
+`GeoCatalog` (geo.py) makes prices, currency and 451s depend on the client's subnet.
 """
 
 from __future__ import annotations
 
 from geoscrape.testsite.catalog import Catalog, Product
+from geoscrape.testsite.geo import GeoCatalog, Locale
 from geoscrape.testsite.server import ShopPages, ShopServer, serve
 
-__all__ = ["Catalog", "Product", "ShopPages", "ShopServer", "serve"]
+__all__ = ["Catalog", "GeoCatalog", "Locale", "Product", "ShopPages", "ShopServer", "serve"]

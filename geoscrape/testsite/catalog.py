@@ -105,6 +105,11 @@ class Catalog:
         del client_address
         return product.price, CURRENCY
 
+    def refuses(self, path: str, client_address: str) -> bool:
+        """True: answer `path` to this client with 451 (see geo.GeoCatalog)."""
+        del path, client_address
+        return False
+
     # -- what a correct crawl must find ------------------------------------
 
     def expected_items(self) -> list[dict[str, Any]]:

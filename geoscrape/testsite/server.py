@@ -9,6 +9,9 @@ Routes (everything else is a 404):
     /about.html                            links to /private/secret.html
     /robots.txt                            Disallow: /private/
     /private/secret.html                   must never be crawled with robots: obey
+
+A page the catalog refuses to a client (Catalog.refuses; see geo.GeoCatalog)
+is answered 451 Unavailable For Legal Reasons instead.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class ShopPages:
         self.catalog = catalog
 
     def render(self, path: str, client_address: str) -> Page:
+        if self.catalog.refuses(path, client_address):
+            return self.unavailable()
         if path in ("/", "/index.html"):
             return self._html("Geoshop", self._index())
         if path == "/about.html":
@@ -63,6 +68,12 @@ class ShopPages:
     def not_found(self) -> Page:
         _, ctype, body = self._html("Not found", "<p>No such page.</p>")
         return HTTPStatus.NOT_FOUND, ctype, body
+
+    def unavailable(self) -> Page:
+        _, ctype, body = self._html(
+            "Unavailable", "<p>This page is not available in your region.</p>"
+        )
+        return HTTPStatus.UNAVAILABLE_FOR_LEGAL_REASONS, ctype, body
 
     # -- pages ---------------------------------------------------------------
 

@@ -1,0 +1,26 @@
+# One image for every geoscrape service: central (migrate, beat, ingest, api,
+# flower) and regional workers. Each service runs a `geoscrape` subcommand.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY regions ./regions
+COPY scheduler ./scheduler
+COPY scraper ./scraper
+COPY storage ./storage
+COPY geoscrape ./geoscrape
+RUN pip install ".[flower]"
+
+# The default sites file; compose mounts the real one over it.
+COPY examples/sites.yaml /etc/geoscrape/sites.yaml
+ENV GEOSCRAPE_CONFIG=/etc/geoscrape/sites.yaml
+
+RUN useradd --system --uid 10001 --home-dir /app geoscrape
+USER geoscrape
+
+ENTRYPOINT ["geoscrape"]
+CMD ["--help"]
