@@ -1,9 +1,226 @@
-"""Query commands over the store (issue 5: compare, access, history, changes, api, export)."""
+"""Query commands over the store (issue 5): compare, access, history, changes, export, api.
+
+Each command calls one function of the storage query layer; `--format json`
+prints exactly the model the HTTP API returns for the same query.
+"""
 
 from __future__ import annotations
 
+import csv
+import enum
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from pydantic import BaseModel
+
+from geoscrape.clikit import err, out, sessions
+
+
+class ViewFormat(enum.StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class ExportKind(enum.StrEnum):
+    items = "items"
+    observations = "observations"
+    compare = "compare"
+
+
+class ExportFormat(enum.StrEnum):
+    csv = "csv"
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+FieldOption = Annotated[
+    list[str] | None, typer.Option("--field", help="Only this field (repeatable).")
+]
+FormatOption = Annotated[ViewFormat, typer.Option("--format", "-f")]
+SiteArg = Annotated[str, typer.Argument(help="The site's name.")]
+
+
+def print_json(model: BaseModel) -> None:
+    out.out(json.dumps(model.model_dump(mode="json"), indent=2, ensure_ascii=False))
+
+
+def print_csv(rows: list[dict[str, Any]]) -> None:
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    writer = csv.DictWriter(out.file, fieldnames=list(names))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()}
+        )
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the `geoscrape` app."""
+
+    @app.command()
+    def compare(
+        site: SiteArg,
+        field: FieldOption = None,
+        run_tick: Annotated[
+            str | None, typer.Option("--run-tick", help="Compare the runs of this tick.")
+        ] = None,
+        latest: Annotated[
+            bool, typer.Option("--latest", help="Each region's latest succeeded run (default).")
+        ] = False,
+        only_diff: Annotated[
+            bool, typer.Option("--only-diff", help="Only keys that differ or are missing.")
+        ] = False,
+        format: FormatOption = ViewFormat.table,
+    ) -> None:
+        """Compare SITE across regions: one row per key, one column per region per field."""
+        from geoscrape.query_views import print_compare
+        from storage.compare import compare as run_compare
+        from storage.errors import QueryError
+
+        if latest and run_tick is not None:
+            raise QueryError("give either --run-tick or --latest, not both")
+        with sessions()() as session:
+            result = run_compare(session, site, fields=field, tick=run_tick, only_diff=only_diff)
+        if format is ViewFormat.json:
+            print_json(result)
+        elif format is ViewFormat.csv:
+            rows = []
+            for row in result.rows:
+                flat: dict[str, Any] = {"key": row.key}
+                for f in result.fields:
+                    for region in result.regions:
+                        flat[f"{f}.{region}"] = row.values[f][region]
+                    if f in row.spread:
+                        s = row.spread[f]
+                        flat.update({f"{f}.min": s.min, f"{f}.max": s.max, f"{f}.ratio": s.ratio})
+                flat["differs"] = ",".join(row.differs)
+                flat["missing"] = ",".join(row.missing)
+                rows.append(flat)
+            print_csv(rows)
+        else:
+            print_compare(out, result)
+
+    @app.command()
+    def access(
+        site: SiteArg,
+        rounds: Annotated[int, typer.Option(min=1, help="Newest rounds of runs to show.")] = 5,
+        region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
+        format: FormatOption = ViewFormat.table,
+    ) -> None:
+        """Access verdicts of SITE per region and round: ok, geo-blocked, blocked-everywhere..."""
+        from geoscrape.query_views import print_access
+        from storage.access import access as run_access
+
+        with sessions()() as session:
+            result = run_access(session, site, rounds=rounds, region=region)
+        if format is ViewFormat.json:
+            print_json(result)
+        elif format is ViewFormat.csv:
+            print_csv(
+                [
+                    {"round": r.round, "at": r.at, **c.model_dump(exclude={"evidence"})}
+                    for r in result.rounds
+                    for c in r.cells
+                ]
+            )
+        else:
+            print_access(out, result)
+
+    @app.command()
+    def history(
+        site: SiteArg,
+        key: Annotated[str, typer.Argument(help="The item's key.")],
+        region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
+        field: FieldOption = None,
+        format: FormatOption = ViewFormat.table,
+    ) -> None:
+        """The values of one item of SITE over time, per region."""
+        from geoscrape.query_views import print_history
+        from storage.history import history as run_history
+
+        with sessions()() as session:
+            result = run_history(session, site, key, region=region, fields=field)
+        if format is ViewFormat.json:
+            print_json(result)
+        elif format is ViewFormat.csv:
+            print_csv([e.model_dump() for e in result.entries])
+        else:
+            print_history(out, result)
+
+    @app.command()
+    def changes(
+        site: SiteArg,
+        since: Annotated[str, typer.Option(help="30m, 12h, 1d, 2w ago, or an ISO time.")] = "1d",
+        region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
+        format: FormatOption = ViewFormat.table,
+    ) -> None:
+        """Items of SITE that appeared, changed or vanished since a time, per region."""
+        from geoscrape.query_views import print_changes
+        from storage.history import changes as run_changes
+        from storage.since import parse_since
+
+        when = parse_since(since, what="--since")
+        with sessions()() as session:
+            result = run_changes(session, site, when, region=region)
+        if format is ViewFormat.json:
+            print_json(result)
+        elif format is ViewFormat.csv:
+            print_csv([c.model_dump() for c in result.changes])
+        else:
+            print_changes(out, result)
+
+    @app.command()
+    def export(
+        site: SiteArg,
+        output: Annotated[Path, typer.Option("--output", "-o", help="The file to write.")],
+        format: Annotated[ExportFormat, typer.Option("--format", "-f")] = ExportFormat.csv,
+        kind: Annotated[
+            ExportKind, typer.Option("--kind", "-k", help="What to export.")
+        ] = ExportKind.items,
+        region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
+        since: Annotated[
+            str | None, typer.Option(help="Only rows seen since: 1d, 12h or an ISO time.")
+        ] = None,
+        field: FieldOption = None,
+        run_tick: Annotated[
+            str | None, typer.Option("--run-tick", help="compare: the runs of this tick.")
+        ] = None,
+        only_diff: Annotated[
+            bool, typer.Option("--only-diff", help="compare: only diffs.")
+        ] = False,
+    ) -> None:
+        """Stream SITE's items, observations or compare to a CSV, JSONL or Parquet file."""
+        from storage.export import export as run_export
+        from storage.since import parse_since
+
+        when = parse_since(since, what="--since") if since is not None else None
+        with sessions()() as session:
+            count = run_export(
+                session,
+                site,
+                output,
+                kind=kind.value,
+                fmt=format.value,
+                region=region,
+                since=when,
+                fields=field,
+                tick=run_tick,
+                only_diff=only_diff,
+            )
+        err.print(f"wrote {count} {kind.value} rows to {output}", highlight=False)
+
+    @app.command()
+    def api(
+        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+    ) -> None:
+        """Serve the read-only HTTP API (OpenAPI docs at /docs; token: GEOSCRAPE_API_TOKEN)."""
+        from geoscrape.clikit import database_url
+        from storage.api import serve
+
+        serve(host, port, database_url())

@@ -1,0 +1,271 @@
+"""The read-only HTTP API (FastAPI): the same queries as the CLI, as JSON.
+
+    geoscrape api --host 127.0.0.1 --port 8080     # docs at /docs, schema at /openapi.json
+
+Every list is paged with ``limit`` (1..1000) and ``offset`` and answers
+``{"data": [...], "limit", "offset", "next_offset"}``; compare and changes
+page their rows the same way inside their result. Errors are JSON
+``{"error": "message"}``: 400 for a bad filter, 401 without the token, 404
+for an unknown site or key. When GEOSCRAPE_API_TOKEN is set, every endpoint
+but /health and the docs needs ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, Any, Generic, TypeVar
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from regions.messages import RunStatus
+from storage.access import AccessResult, access
+from storage.compare import CompareResult, compare
+from storage.errors import NotFoundError, QueryError, StorageError
+from storage.history import ChangesResult, HistoryResult, changes, history
+from storage.queries import ItemRow, RunRow, list_items_page, list_runs_page
+from storage.since import parse_since
+
+TOKEN_ENV = "GEOSCRAPE_API_TOKEN"
+MAX_LIMIT = 1000
+RUN_STATUSES = frozenset(RunStatus.__args__)  # type: ignore[attr-defined]
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    limit: int
+    offset: int
+    next_offset: int | None  # None on the last page
+
+
+class SiteRow(BaseModel):
+    name: str
+    regions: list[str]
+    runs: int
+    last_run_at: datetime | None
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+def _session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessions() as session:
+        yield session
+
+
+def _authorised(request: Request) -> None:
+    secret: str | None = request.app.state.token
+    if secret is None:
+        return
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), secret.encode()):
+        raise _Unauthorised()
+
+
+class _Unauthorised(Exception):
+    pass
+
+
+Db = Annotated[Session, Depends(_session)]
+guarded = [Depends(_authorised)]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="rows per page")]
+Offset = Annotated[int, Query(ge=0, description="rows to skip")]
+
+
+def _page(rows: list[Any], limit: int, offset: int) -> dict[str, Any]:
+    """Pages are fetched with limit+1 rows: the extra one says whether more follow."""
+    return {
+        "data": rows[:limit],
+        "limit": limit,
+        "offset": offset,
+        "next_offset": offset + limit if len(rows) > limit else None,
+    }
+
+
+def _since(value: str | None, what: str) -> datetime | None:
+    return None if value is None else parse_since(value, what=what)
+
+
+def create_app(database_url: str | None = None, token: str | None = None) -> FastAPI:
+    """The app on ``database_url`` (default: GEOSCRAPE_DATABASE_URL); token from the env."""
+    from storage.db import database_url as default_url
+    from storage.db import make_engine, session_factory
+    from storage.migrate import ensure_schema
+
+    url = database_url or default_url()
+    ensure_schema(url)
+    factory: sessionmaker[Session] = session_factory(make_engine(url))
+    secret = token if token is not None else os.environ.get(TOKEN_ENV) or None
+
+    app = FastAPI(
+        title="geoscrape",
+        version="1",
+        description="Read-only queries of the geoscrape store: runs, items, cross-region "
+        "compare, access verdicts, history and changes.",
+        responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+    )
+
+    app.state.sessions = factory
+    app.state.token = secret
+
+    @app.exception_handler(_Unauthorised)
+    async def _unauthorised(_: Request, __: _Unauthorised) -> JSONResponse:
+        return JSONResponse(
+            {"error": f"missing or wrong bearer token (set by {TOKEN_ENV})"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @app.exception_handler(NotFoundError)
+    async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=404)
+
+    @app.exception_handler(StorageError)
+    async def _bad_query(_: Request, exc: StorageError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
+            for e in exc.errors()
+        )
+        return JSONResponse({"error": f"bad request: {problems}"}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.get("/health", include_in_schema=False)
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/sites", dependencies=guarded, response_model=Page[SiteRow])
+    def sites(db: Db, limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
+        """Every site with runs in the store, its regions and newest run time."""
+        from storage.models import runs
+
+        when = func.max(func.coalesce(runs.c.finished_at, runs.c.started_at, runs.c.queued_at))
+        stmt = (
+            select(runs.c.site, func.count(), when)
+            .group_by(runs.c.site)
+            .order_by(runs.c.site)
+            .limit(limit + 1)
+            .offset(offset)
+        )
+        found = db.execute(stmt).all()
+        rows = []
+        for name, count, last in found:
+            regions = db.scalars(
+                select(runs.c.region).where(runs.c.site == name).distinct().order_by(runs.c.region)
+            ).all()
+            rows.append(SiteRow(name=name, regions=list(regions), runs=count, last_run_at=last))
+        return _page(rows, limit, offset)
+
+    @app.get("/runs", dependencies=guarded, response_model=Page[RunRow])
+    def runs_(
+        db: Db,
+        site: str | None = None,
+        region: str | None = None,
+        status: str | None = None,
+        since: Annotated[str | None, Query(description="30m, 12h, 1d or ISO time")] = None,
+        until: Annotated[str | None, Query(description="30m, 12h, 1d or ISO time")] = None,
+        limit: Limit = 50,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        """Runs, newest first, filtered by site, region, status and time (queued/started)."""
+        if status is not None and status not in RUN_STATUSES:
+            known = ", ".join(sorted(RUN_STATUSES))
+            raise QueryError(f"status: {status!r} is not a run status (one of: {known})")
+        rows = list_runs_page(
+            db,
+            site=site,
+            region=region,
+            status=status,
+            since=_since(since, "since"),
+            until=_since(until, "until"),
+            limit=limit + 1,
+            offset=offset,
+        )
+        return _page(rows, limit, offset)
+
+    @app.get("/sites/{site}/items", dependencies=guarded, response_model=Page[ItemRow])
+    def items_(
+        db: Db, site: str, region: str | None = None, limit: Limit = 100, offset: Offset = 0
+    ) -> dict[str, Any]:
+        """The latest data of every item of the site, by region then key."""
+        rows = list_items_page(db, site, region=region, limit=limit + 1, offset=offset)
+        if not rows and offset == 0:
+            from storage.snapshots import require_site
+
+            require_site(db, site)
+        return _page(rows, limit, offset)
+
+    @app.get("/sites/{site}/compare", dependencies=guarded, response_model=CompareResult)
+    def compare_(
+        db: Db,
+        site: str,
+        field: Annotated[list[str] | None, Query(description="only these fields")] = None,
+        tick: Annotated[str | None, Query(description="the runs of this tick")] = None,
+        only_diff: bool = False,
+        limit: Limit = 100,
+        offset: Offset = 0,
+    ) -> CompareResult:
+        """One row per key, one value per region per field; summary over every row."""
+        return compare(
+            db, site, fields=field, tick=tick, only_diff=only_diff, limit=limit, offset=offset
+        )
+
+    @app.get("/sites/{site}/access", dependencies=guarded, response_model=AccessResult)
+    def access_(
+        db: Db,
+        site: str,
+        rounds: Annotated[int, Query(ge=1, le=100)] = 5,
+        region: str | None = None,
+    ) -> AccessResult:
+        """Verdict per region for the newest rounds of runs, with the evidence."""
+        return access(db, site, rounds=rounds, region=region)
+
+    @app.get("/sites/{site}/history", dependencies=guarded, response_model=HistoryResult)
+    def history_(
+        db: Db,
+        site: str,
+        key: Annotated[str, Query(description="the item key")],
+        region: str | None = None,
+        field: Annotated[list[str] | None, Query(description="only these fields")] = None,
+    ) -> HistoryResult:
+        """The values of one item over time, per region."""
+        return history(db, site, key, region=region, fields=field)
+
+    @app.get("/sites/{site}/changes", dependencies=guarded, response_model=ChangesResult)
+    def changes_(
+        db: Db,
+        site: str,
+        since: Annotated[str, Query(description="30m, 12h, 1d or ISO time")] = "1d",
+        region: str | None = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
+    ) -> ChangesResult:
+        """Items that appeared, changed or vanished since a time, per region."""
+        when = parse_since(since, what="since")
+        return changes(db, site, when, region=region, limit=limit, offset=offset)
+
+    return app
+
+
+def serve(host: str, port: int, database_url: str | None = None) -> None:
+    """Run the API with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(database_url), host=host, port=port, log_level="info")

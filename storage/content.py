@@ -1,0 +1,26 @@
+"""Content addressing of observed item data.
+
+An observation stores the hash of its data; the data itself is stored once per
+distinct value in ``contents``. A run that sees an item unchanged therefore
+adds one narrow row (run, key, hash), never another copy of the data, and two
+observations are equal exactly when their hashes are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+HASH_CHARS = 32  # 128-bit BLAKE2b, hex
+
+
+def canonical_json(data: Any) -> str:
+    """The one serialisation hashed: sorted keys, no whitespace, UTF-8 text."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def content_hash(data: Any) -> str:
+    """The content address of ``data`` (equal data, equal hash, on every backend)."""
+    digest = hashlib.blake2b(canonical_json(data).encode("utf-8"), digest_size=HASH_CHARS // 2)
+    return digest.hexdigest()
