@@ -1,9 +1,115 @@
-"""Reliability commands (issue 6: dead-letter inspection and requeue)."""
+"""Reliability commands (issue 6): `geoscrape dead` and `geoscrape dead requeue RUN`.
+
+Dead jobs are kept in the `dead_jobs` table by ingest's dead-letter consumer
+(storage/deadletter.py). Requeueing one publishes its job again, with the same
+run id, to its region's queue, and puts the run back to `queued`: a run's
+status otherwise only moves forward, and `dead` is final.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Annotated, Any
+
 import typer
+from rich.table import Table
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from geoscrape.clikit import out, sessions
+from regions.messages import Job, utcnow
+from storage.errors import StorageError
+from storage.models import DeadJob, runs
+
+
+class UnknownDeadJob(StorageError):
+    """A run id that names no dead job (or more than one, as a prefix)."""
+
+
+def find_dead_job(session: Session, run_id: str) -> DeadJob:
+    """The dead job whose run id is `run_id` or starts with it (as `geoscrape dead` shows)."""
+    rows = list(session.scalars(select(DeadJob).where(DeadJob.run_id.startswith(run_id))))
+    exact = [row for row in rows if row.run_id == run_id]
+    if exact:
+        return exact[0]
+    if not rows:
+        raise UnknownDeadJob(f"no dead job with run id {run_id!r} (see `geoscrape dead`)")
+    if len(rows) > 1:
+        raise UnknownDeadJob(f"run id prefix {run_id!r} names {len(rows)} dead jobs; give more")
+    return rows[0]
+
+
+def requeue(session: Session, run_id: str, publish: Callable[[Job], None]) -> Job:
+    """Put a dead job back on its region's queue, same run id; the caller's session commits.
+
+    The job's `expires_at` is dropped: a requeue is a human's decision to run it now.
+    Attempts start again from 1 (a poison job gets GEOSCRAPE_MAX_ATTEMPTS fresh
+    attempts after its fix) and the old lease is cleared.
+    """
+    dead = find_dead_job(session, run_id)
+    body: dict[str, Any] = {**dead.job, "expires_at": None, "attempt": 1}
+    job = Job.model_validate(body)
+    session.execute(
+        update(runs)
+        .where(runs.c.id == job.run_id)
+        .values(status="queued", finished_at=None, error=None, attempts=0, heartbeat_at=None)
+    )
+    dead.requeued_at = utcnow()
+    session.flush()
+    publish(job)  # after the writes: a failed publish rolls them back
+    return job
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the `geoscrape` app."""
+    dead_app = typer.Typer(
+        help="Dead-lettered jobs: list them, requeue one after a fix.",
+        invoke_without_command=True,
+    )
+    app.add_typer(dead_app, name="dead")
+
+    @dead_app.callback()
+    def dead(
+        ctx: typer.Context,
+        site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
+        all_: Annotated[bool, typer.Option("--all", help="Also jobs already requeued.")] = False,
+    ) -> None:
+        """List dead jobs, newest first (run id, site, region, why, attempts, when)."""
+        if ctx.invoked_subcommand is not None:
+            return
+        with sessions()() as session:
+            query = select(DeadJob).order_by(DeadJob.dead_at.desc())
+            if site is not None:
+                query = query.where(DeadJob.site == site)
+            if not all_:
+                query = query.where(DeadJob.requeued_at.is_(None))
+            rows = list(session.scalars(query))
+        if not rows:
+            out.print("no dead jobs")
+            return
+        table = Table("run", "site", "region", "reason", "attempts", "dead at", "requeued", "error")
+        for row in rows:
+            table.add_row(
+                row.run_id,
+                row.site,
+                row.region,
+                row.reason,
+                str(row.attempts),
+                row.dead_at.strftime("%Y-%m-%d %H:%M:%S"),
+                row.requeued_at.strftime("%Y-%m-%d %H:%M:%S") if row.requeued_at else "",
+                (row.error or "")[:80],
+            )
+        out.print(table)
+
+    @dead_app.command("requeue")
+    def dead_requeue(
+        run_id: Annotated[str, typer.Argument(help="The run id (or a unique prefix of it).")],
+    ) -> None:
+        """Publish a dead job again (same run id) to its region's queue."""
+        from regions.bus import check_broker
+        from scheduler.dispatch import publish_jobs
+
+        check_broker()
+        with sessions()() as session, session.begin():
+            job = requeue(session, run_id, lambda job: publish_jobs([job]))
+        out.print(f"requeued run {job.run_id} for {job.site} in {job.region}", highlight=False)

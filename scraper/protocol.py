@@ -15,6 +15,8 @@ This module is shared by both sides and must not import Scrapy or Twisted.
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -132,6 +134,7 @@ class Recorder:
         self._keys: set[str] = set()
         self.duplicates = 0
         self.first_error: Fetch | None = None
+        self.limits_hit: list[str] = []  # crawl-wide limits that cut the run short
         self._done = False
 
     def _write(self, line: str) -> None:
@@ -161,6 +164,12 @@ class Recorder:
         with self._lock:
             self.stats.add_error()
 
+    def limit(self, what: str) -> None:
+        """Note a crawl-wide limit that stopped part of the crawl (kept as the run's error)."""
+        with self._lock:
+            if what not in self.limits_hit:
+                self.limits_hit.append(what)
+
     def outcome(
         self, crash: str | None = None, note: str | None = None
     ) -> tuple[Status, str | None]:
@@ -172,6 +181,8 @@ class Recorder:
                 first = self.first_error
                 return "failed", f"{first.error} ({first.url})"
             return "failed", note or "no page was fetched"
+        if self.limits_hit:  # a successful run that did not see everything says so
+            return "succeeded", "limit reached: " + "; ".join(self.limits_hit)
         return "succeeded", None
 
     def done(self, status: Status, error: str | None) -> None:
@@ -179,7 +190,14 @@ class Recorder:
             if self._done:
                 return
             self._done = True
-            self._write(encode_done(status, error, self.stats.snapshot()))
+            stats = self.stats.snapshot().model_copy(update={"peak_rss": peak_rss()})
+            self._write(encode_done(status, error, stats))
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def payload(event: Event) -> dict[str, Any]:

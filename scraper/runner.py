@@ -50,6 +50,8 @@ STDERR_LINE_MAX = 2000  # longer stderr lines are cut into pieces of this size
 ERROR_MAX_CHARS = 4000
 EXIT_GRACE_SECONDS = 30.0  # after "done", how long the child may take to exit
 EVENT_QUEUE_MAX = 10_000  # protocol lines read ahead of publishing
+# The crawl stops itself at limits.max_duration; past this much more it is killed.
+DURATION_GRACE_SECONDS = 60.0
 
 _PR_SET_PDEATHSIG = 1
 _EOF = object()
@@ -179,16 +181,24 @@ def run_job(
     batch_seconds: float = 1.0,
     progress_seconds: float = 1.0,
     timeout: float | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> RunFinished:
     """Run one job in a crawl child, publishing its messages; returns the RunFinished.
 
     `batch_items` caps the entries (items + fetches) of one ItemBatch;
     `batch_seconds` caps how long an entry waits; a RunProgress goes out every
-    `progress_seconds`. `timeout` (seconds, optional) kills a crawl that runs
-    longer. An exception from `publish` kills the child and propagates (the
-    job is redelivered: delivery is at-least-once).
+    `progress_seconds`. `timeout` (seconds) kills a crawl that runs longer;
+    by default the site's limits.max_duration plus DURATION_GRACE_SECONDS, so
+    a crawl that ignores its own limit (a hung spider) still ends. An
+    exception from `publish` kills the child and propagates. `on_started` is
+    called once RunStarted is published, before the crawl process starts (the
+    worker acks the job there: from then on the run's lease covers it).
     """
     clock = time.monotonic
+    if timeout is None:
+        max_duration = job.config.get("limits", {}).get("max_duration")
+        if isinstance(max_duration, int | float):
+            timeout = float(max_duration) + DURATION_GRACE_SECONDS
     publish(
         RunStarted(
             run_id=job.run_id,
@@ -196,8 +206,11 @@ def run_job(
             region=job.region,
             worker=worker,
             started_at=utcnow(),
+            attempt=job.attempt,
         )
     )
+    if on_started is not None:
+        on_started()
     stats = StatsTracker()
     batcher = Batcher(
         job.run_id, job.site, job.region, max_entries=batch_items, max_seconds=batch_seconds
@@ -241,7 +254,11 @@ def run_job(
             if now >= next_progress:
                 publish(
                     RunProgress(
-                        run_id=job.run_id, site=job.site, region=job.region, stats=stats.snapshot()
+                        run_id=job.run_id,
+                        site=job.site,
+                        region=job.region,
+                        stats=stats.snapshot(),
+                        sent_at=utcnow(),
                     )
                 )
                 next_progress = now + progress_seconds

@@ -4,6 +4,11 @@ A generic spider built from a ResolvedSite, or an existing spider
 ("package.module:Class") run unchanged. Either way every response and every
 download error becomes a Fetch (via `FetchRecorderMiddleware`) and every item
 reaching `item_scraped` becomes a ScrapedItem.
+
+The SSRF guard (scraper.ssrf) runs twice: `SSRFGuardMiddleware` refuses a
+request (redirects included: Scrapy sends them through the middlewares
+again) and records why; `GuardedResolver` drops refused addresses from every
+name resolution, so nothing can connect to them whatever the DNS answers.
 """
 
 from __future__ import annotations
@@ -31,25 +36,38 @@ from scrapy.exceptions import (
 )
 from scrapy.http import Request, Response, TextResponse
 from scrapy.linkextractors import LinkExtractor
+from scrapy.resolver import CachingHostnameResolver
 from scrapy.utils.defer import deferred_from_coro
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IHostResolution, IResolutionReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from regions.messages import Fetch, ScrapedItem
 from scheduler.config import ResolvedSite
 from scraper.errors import ScraperError
 from scraper.extract import extract_items
 from scraper.protocol import Recorder
+from scraper.ssrf import Guard, SSRFRefused
 
 log = logging.getLogger(__name__)
 
 MAX_BYTES_EXCEEDED = "max_bytes exceeded"
+TOO_MANY_REDIRECTS = "Too many redirects"
 _MIDDLEWARE = "scraper.scrapy_engine.FetchRecorderMiddleware"
+_GUARD_MIDDLEWARE = "scraper.scrapy_engine.SSRFGuardMiddleware"
+_RESOLVER = "scraper.scrapy_engine.GuardedResolver"
 
 
-# The run's recorder, for FetchRecorderMiddleware (Scrapy deep-copies settings, so it
-# cannot travel there). One crawl per process, so one global is enough.
+# The run's recorder and SSRF guard, for the middlewares and the resolver (Scrapy
+# deep-copies settings, so they cannot travel there). One crawl per process, so
+# one global each is enough.
 _recorder: Recorder | None = None
+_guard: Guard | None = None
+
+
+class GuardRefused(IgnoreRequest):
+    """A request the SSRF guard refused (never retried, always recorded)."""
 
 
 class SpiderLoadError(ScraperError):
@@ -71,7 +89,10 @@ def settings_for(site: ResolvedSite) -> dict[str, Any]:
         "CONCURRENT_REQUESTS": politeness.concurrency,
         "CONCURRENT_REQUESTS_PER_DOMAIN": politeness.concurrency,
         "DOWNLOAD_TIMEOUT": limits.timeout,
-        "DOWNLOAD_MAXSIZE": limits.max_bytes,
+        "DOWNLOAD_MAXSIZE": limits.max_bytes,  # also caps decompressed bodies
+        "REDIRECT_MAX_TIMES": limits.max_redirects,
+        "CLOSESPIDER_TIMEOUT": limits.max_duration,
+        "TWISTED_DNS_RESOLVER": _RESOLVER,
         "DOWNLOAD_WARNSIZE": 0,
         "USER_AGENT": politeness.user_agent,
         # 0 means "no limit" to Scrapy; FetchRecorderMiddleware enforces depth 0.
@@ -83,7 +104,7 @@ def settings_for(site: ResolvedSite) -> dict[str, Any]:
         "RETRY_TIMES": 1,
         "LOG_LEVEL": "INFO",
         "LOG_STDOUT": False,
-        "DOWNLOADER_MIDDLEWARES": {_MIDDLEWARE: 50},
+        "DOWNLOADER_MIDDLEWARES": {_MIDDLEWARE: 50, _GUARD_MIDDLEWARE: 60},
         "GEOSCRAPE_MAX_PAGES": limits.max_pages,
         "GEOSCRAPE_MAX_DEPTH": depth,
     }
@@ -91,6 +112,12 @@ def settings_for(site: ResolvedSite) -> dict[str, Any]:
 
 def short_error(exc: BaseException) -> str:
     """A short, stable message for a download that got no usable response."""
+    if isinstance(exc, GuardRefused | SSRFRefused):
+        return str(exc)[:300]
+    if isinstance(exc, IgnoreRequest) and "max redirections" in str(exc):
+        return TOO_MANY_REDIRECTS
+    if isinstance(exc, IgnoreRequest) and "DOWNLOAD_MAXSIZE" in str(exc):
+        return MAX_BYTES_EXCEEDED  # a compression bomb, stopped while decompressing
     if isinstance(exc, DownloadConnectionRefusedError | error.ConnectionRefusedError):
         return "Connection refused"
     if isinstance(exc, DownloadTimeoutError | error.TimeoutError | error.TCPTimedOutError):
@@ -143,6 +170,7 @@ class FetchRecorderMiddleware:
         if not self._closing and self.crawler.engine is not None:
             self._closing = True
             log.info("max_pages (%d) reached: closing the spider", self.max_pages)
+            self.recorder.limit(f"max_pages ({self.max_pages})")
             closing = deferred_from_coro(self.crawler.engine.close_spider_async(reason="max_pages"))
             closing.addErrback(lambda failure: log.error("closing failed: %s", failure.value))
 
@@ -175,11 +203,75 @@ class FetchRecorderMiddleware:
         return response
 
     def process_exception(self, request: Request, exception: Exception) -> None:
-        if isinstance(exception, IgnoreRequest) or _is_robots_request(request):
+        if _is_robots_request(request):
             return None
-        origin = (request.meta.get("redirect_urls") or [request.url])[0]
-        self.recorder.fetch(Fetch(url=origin, status=None, error=short_error(exception)))
+        if isinstance(exception, IgnoreRequest) and not isinstance(exception, GuardRefused):
+            return None
+        record_failure(self.recorder, request, exception)
         return None
+
+
+def record_failure(recorder: Recorder, request: Request, exception: BaseException) -> None:
+    origin = (request.meta.get("redirect_urls") or [request.url])[0]
+    recorder.fetch(Fetch(url=origin, status=None, error=short_error(exception)))
+
+
+class SSRFGuardMiddleware:
+    """Refuses requests to non-http(s) schemes and private addresses (scraper.ssrf)."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> SSRFGuardMiddleware:
+        if _guard is None:
+            raise ScraperError("SSRFGuardMiddleware runs only inside scrapy_engine.run()")
+        return cls(_guard)
+
+    def process_request(self, request: Request) -> None:
+        try:
+            self.guard.check_url(request.url)
+        except SSRFRefused as exc:
+            log.warning("%s: %s", request.url, exc)
+            raise GuardRefused(str(exc)) from None
+        return None
+
+
+@implementer(IResolutionReceiver)
+class _GuardedReceiver:
+    """Passes on only the addresses the guard allows for (host, port)."""
+
+    def __init__(self, inner: Any, guard: Guard, host: str, port: int) -> None:
+        self.inner, self.guard, self.host, self.port = inner, guard, host, port
+
+    def resolutionBegan(self, resolution: IHostResolution) -> None:
+        self.inner.resolutionBegan(resolution)
+
+    def addressResolved(self, address: Any) -> None:
+        if self.guard.address_allowed(address.host, self.port, self.host):
+            self.inner.addressResolved(address)
+        else:
+            log.warning("%s resolved to refused address %s: dropped", self.host, address.host)
+
+    def resolutionComplete(self) -> None:
+        self.inner.resolutionComplete()
+
+
+class GuardedResolver(CachingHostnameResolver):
+    """Scrapy's caching resolver, with refused addresses removed from every answer."""
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: Any,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Any = None,
+        transportSemantics: str = "TCP",
+    ) -> Any:
+        guard = _guard or Guard()
+        receiver: Any = _GuardedReceiver(resolutionReceiver, guard, hostName, portNumber)
+        super().resolveHostName(receiver, hostName, portNumber, addressTypes, transportSemantics)
+        return resolutionReceiver
 
 
 @dataclass
@@ -204,10 +296,25 @@ class SiteSpider(scrapy.Spider):
             if site.follow is not None
             else None
         )
+        self.max_links = site.limits.max_links
+        self.links_dropped = 0
 
     async def start(self) -> AsyncIterator[Any]:
         for url in self.start_urls:
-            yield Request(url, callback=self.parse)  # filtered: a link back is no refetch
+            # filtered: a link back is no refetch
+            yield Request(url, callback=self.parse, errback=self.on_error)
+
+    def on_error(self, failure: Failure) -> None:
+        """Record what no middleware sees: limits hit while handling a response
+        (too many redirects, a body over max_bytes once decompressed)."""
+        exc = failure.value
+        if (
+            isinstance(exc, IgnoreRequest)
+            and not isinstance(exc, GuardRefused)
+            and short_error(exc) in (TOO_MANY_REDIRECTS, MAX_BYTES_EXCEEDED)
+            and _recorder is not None
+        ):
+            record_failure(_recorder, failure.request, exc)  # type: ignore[attr-defined]
 
     def parse(self, response: Response, **kwargs: Any) -> Iterator[Any]:
         if not 200 <= response.status < 300 or not isinstance(response, TextResponse):
@@ -219,8 +326,18 @@ class SiteSpider(scrapy.Spider):
             for item in items:
                 yield Extracted(item)
         if self.links is not None and response.meta.get("depth", 0) < self.depth_limit:
-            for link in self.links.extract_links(response):
-                yield response.follow(link.url, callback=self.parse)
+            links = self.links.extract_links(response)
+            if len(links) > self.max_links:
+                self.links_dropped += len(links) - self.max_links
+                self.logger.warning(
+                    "max_links (%d): %d of %d links on %s not followed",
+                    self.max_links,
+                    len(links) - self.max_links,
+                    len(links),
+                    response.url,
+                )
+            for link in links[: self.max_links]:
+                yield response.follow(link.url, callback=self.parse, errback=self.on_error)
 
 
 def load_spider(path: str) -> type[scrapy.Spider]:
@@ -257,7 +374,7 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
 
     Returns a note explaining an empty run, or None; raises CrawlCrashed.
     """
-    global _recorder
+    global _recorder, _guard
     spider_cls: type[scrapy.Spider] = SiteSpider
     spider_kwargs: dict[str, Any] = {"site": site}
     if site.spider is not None:
@@ -265,6 +382,7 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
     key_field = site.extract.key if site.extract is not None else None
 
     _recorder = recorder
+    _guard = Guard.for_site(site)
     logging.root.handlers.clear()  # Scrapy installs its own stderr handler (LOG_LEVEL)
     process = CrawlerProcess(settings_for(site))
     crawler = process.create_crawler(spider_cls)
@@ -297,6 +415,12 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
 
     if recorder.duplicates:
         log.info("%d item(s) with an already seen key dropped", recorder.duplicates)
+    spider = crawler.spider
+    if isinstance(spider, SiteSpider) and spider.links_dropped:
+        recorder.limit(f"max_links ({spider.max_links}/page, {spider.links_dropped} not followed)")
+    reason = crawler.stats.get_value("finish_reason") if crawler.stats else None
+    if reason == "closespider_timeout":
+        recorder.limit(f"max_duration ({site.limits.max_duration:g}s)")
     if crashes:
         raise CrawlCrashed(crashes[0])
     forbidden = crawler.stats.get_value("robotstxt/forbidden", 0) if crawler.stats else 0
