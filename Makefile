@@ -25,3 +25,7 @@ test: lint
 
 services:
 	bash scripts/services.sh
+
+# 1M observations into a fresh PostgreSQL db (dropped after): query latency, export memory.
+bench: $(VENV)/.installed
+	$(BIN)/python -m bench.query_bench

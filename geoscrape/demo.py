@@ -32,6 +32,7 @@ regions:
 defaults:
   politeness: {{delay: 0, concurrency: 8, robots: obey}}
   limits: {{max_pages: 500, max_depth: 5, timeout: 10s, max_bytes: 2MB}}
+  allow_hosts: ["{host_port}"]   # the shop is on loopback, which the SSRF guard refuses otherwise
 
 sites:
   - name: {site}
@@ -100,7 +101,12 @@ def run_demo(console: Console, *, products: int = 24, keep: Path | None = None) 
         shop = stack.enter_context(serve(catalog=Catalog(products=products)))
         config_path = workdir / "sites.yaml"
         config_path.write_text(
-            SITES_YAML.format(site=SITE, base=shop.url, base_re=shop.url.replace(".", r"\."))
+            SITES_YAML.format(
+                site=SITE,
+                base=shop.url,
+                base_re=shop.url.replace(".", r"\."),
+                host_port=f"{shop.host}:{shop.port}",
+            )
         )
         config = load_config(config_path)
         console.print(f"demo shop with {products} products at {shop.url}", highlight=False)

@@ -7,19 +7,28 @@ from collections.abc import Iterable
 from celery import Celery
 
 from regions.bus import broker_url, scrape_queue
+from regions.tls import ssl_options
 
 CRAWL_TASK = "geoscrape.crawl"
 
 
-def make_app(url: str | None = None, regions: Iterable[str] = ()) -> Celery:
-    """A Celery app on the geoscrape bus, knowing the queues of `regions`."""
-    app = Celery("geoscrape", broker=url or broker_url(), set_as_current=False)
+def make_app(
+    url: str | None = None, regions: Iterable[str] = (), *, declare: bool = True
+) -> Celery:
+    """A Celery app on the geoscrape bus, knowing the queues of `regions`.
+
+    ``declare=False`` for workers: their broker user may not declare queues.
+    """
+    url = url or broker_url()
+    app = Celery("geoscrape", broker=url, set_as_current=False)
     app.conf.update(
+        broker_use_ssl=ssl_options(url) or False,
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,  # results travel over the ingest queue, not a backend
-        # At-least-once: a job is acked only after its crawl finished, and goes
-        # back to the queue if the worker dies mid-crawl.
+        # At-least-once: a job stays unacked until its crawl starts (the worker's
+        # crawl task acks it then, regions/worker.py); after that the run's lease
+        # covers it (storage/reaper.py). Other tasks: acked after they ran.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -29,7 +38,7 @@ def make_app(url: str | None = None, regions: Iterable[str] = ()) -> Celery:
         # Queues are declared by regions.bus with fixed arguments; Celery must
         # never invent one (a typo'd region would silently build a backlog).
         task_create_missing_queues=False,
-        task_queues=[scrape_queue(r) for r in regions],
+        task_queues=[scrape_queue(r, no_declare=not declare) for r in regions],
         # A regional worker may touch nothing on the bus but its own queue and
         # ingest: no remote-control mailbox, no event exchange.
         worker_enable_remote_control=False,

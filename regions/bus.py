@@ -9,6 +9,11 @@ Topology (all durable, all messages persistent):
 Queue arguments must be identical wherever a queue is declared, or RabbitMQ
 refuses the declaration (PRECONDITION_FAILED); so every declaration goes
 through the functions below.
+
+Only central components declare (`geoscrape broker provision`, ingest, the
+dispatcher). A regional worker runs as a least-privilege broker user that may
+not declare anything: it checks the topology passively (which needs no
+permission) and consumes a `no_declare` queue (see docs/REGIONS.md).
 """
 
 from __future__ import annotations
@@ -39,21 +44,30 @@ def scrape_queue_name(region: str) -> str:
     return f"scrape.{region}"
 
 
-def scrape_queue(region: str) -> Queue:
-    """The queue a region's workers consume; rejected jobs go to scrape.dead."""
+def scrape_queue(region: str, *, no_declare: bool = False) -> Queue:
+    """The queue a region's workers consume; rejected jobs go to scrape.dead.
+
+    ``no_declare``: for consumers without the configure permission (workers).
+    """
     return Queue(
         scrape_queue_name(region),
         exchange=SCRAPE_EXCHANGE,
         routing_key=region,
         durable=True,
         queue_arguments={"x-dead-letter-exchange": DEAD_EXCHANGE.name},
+        no_declare=no_declare,
     )
 
 
 def connect(url: str | None = None) -> Connection:
-    """A kombu connection with publisher confirms on (no silent publish loss)."""
+    """A kombu connection with publisher confirms on (no silent publish loss);
+    TLS for amqps:// URLs (regions.tls)."""
+    from regions.tls import ssl_options
+
+    url = url or broker_url()
     return Connection(
-        url or broker_url(),
+        url,
+        ssl=ssl_options(url) or False,
         transport_options={"confirm_publish": True},
         connect_timeout=5,
         heartbeat=30,
@@ -67,8 +81,41 @@ def declare_topology(connection: Connection, regions: Iterable[str]) -> None:
         queue(channel).declare()
 
 
+def missing_topology(connection: Connection, regions: Iterable[str]) -> list[str]:
+    """Names of the queues a worker of `regions` needs that do not exist yet.
+
+    Passive declares need no permission, so a least-privilege worker can ask.
+    """
+    from amqp.exceptions import NotFound
+
+    missing = []
+    for name in [INGEST_QUEUE.name, *(scrape_queue_name(r) for r in regions)]:
+        try:
+            with connection.channel() as channel:
+                channel.queue_declare(queue=name, passive=True)
+        except NotFound:  # the broker closes the channel; the next name gets a new one
+            missing.append(name)
+    return missing
+
+
+def queue_depth(connection: Connection, name: str) -> tuple[int, int] | None:
+    """(ready messages, consumers) of queue `name`, or None if it does not exist."""
+    from amqp.exceptions import NotFound
+
+    try:
+        with connection.channel() as channel:
+            _, messages, consumers = channel.queue_declare(queue=name, passive=True)
+    except NotFound:
+        return None
+    return int(messages), int(consumers)
+
+
 def publish_ingest(producer_connection: Connection, body: dict[str, object]) -> None:
-    """Publish one ingest message, persistent and confirmed by the broker."""
+    """Publish one ingest message, persistent and confirmed by the broker.
+
+    Nothing is declared here: workers may only write to the `ingest` exchange,
+    whose queue central components declared beforehand.
+    """
     producer = producer_connection.Producer(serializer="json")
     publish = producer_connection.ensure(producer, producer.publish, max_retries=10)
     publish(
@@ -76,7 +123,6 @@ def publish_ingest(producer_connection: Connection, body: dict[str, object]) -> 
         exchange=INGEST_EXCHANGE,
         routing_key=INGEST_ROUTING_KEY,
         delivery_mode=2,
-        declare=[INGEST_QUEUE],
         retry=True,
     )
 
@@ -98,8 +144,10 @@ def redact(url: str) -> str:
 def check_broker(url: str | None = None) -> None:
     """Raise BrokerUnavailable, with a one-line how-to, if RabbitMQ can't be reached."""
     from regions.errors import BrokerUnavailable
+    from regions.tls import ssl_options
 
     url = url or broker_url()
+    ssl_options(url)  # bad TLS settings are their own error, not "unreachable"
     try:
         with connect(url) as conn:
             conn.ensure_connection(max_retries=1, timeout=5)

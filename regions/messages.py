@@ -51,6 +51,12 @@ class Job(_Message):
     # The validated site config (scheduler.config.Site.model_dump(mode="json")),
     # frozen at dispatch so a config edit never changes a job in flight.
     config: dict[str, Any]
+    # Scheduled jobs: a worker must not start the job after this (its site's
+    # next tick); RabbitMQ drops it from the queue then too (message TTL).
+    expires_at: AwareDatetime | None = None
+    # Which delivery of this run this is: 1 at dispatch, +1 each time ingest's
+    # reaper redelivers it after its lease lapsed (storage/reaper.py).
+    attempt: int = Field(1, ge=1, le=1_000_000)
 
 
 class ScrapedItem(BaseModel):
@@ -88,6 +94,7 @@ class RunStarted(_Message):
     region: str
     worker: str
     started_at: AwareDatetime
+    attempt: int = Field(1, ge=1, le=1_000_000)  # the Job's attempt, echoed
 
 
 class ItemBatch(_Message):
@@ -109,6 +116,7 @@ class RunStats(BaseModel):
     bytes: Count = 0
     duration: float = Field(0.0, ge=0)
     status_codes: dict[str, int] = {}
+    peak_rss: Count = 0  # the crawl process's peak resident memory, bytes (0: unknown)
 
 
 class RunProgress(_Message):
@@ -117,6 +125,8 @@ class RunProgress(_Message):
     site: str
     region: str
     stats: RunStats
+    # When the worker sent it: renews the run's lease (None from older workers).
+    sent_at: AwareDatetime | None = None
 
 
 class RunFinished(_Message):
@@ -130,8 +140,22 @@ class RunFinished(_Message):
     error: str | None = None
 
 
+class WorkerHeartbeat(_Message):
+    """A regional worker saying it is alive (about every 10 s), and once more on shutdown."""
+
+    kind: Literal["worker_heartbeat"] = "worker_heartbeat"
+    name: str  # region@host:pid, unique per worker process
+    region: str
+    host: str
+    pid: int = Field(ge=0)
+    egress: str | None = None  # local address of the worker's route to the broker
+    started_at: AwareDatetime
+    sent_at: AwareDatetime
+    stopping: bool = False  # the last heartbeat of a worker shutting down
+
+
 IngestMessage = Annotated[
-    RunQueued | RunStarted | ItemBatch | RunProgress | RunFinished,
+    RunQueued | RunStarted | ItemBatch | RunProgress | RunFinished | WorkerHeartbeat,
     Field(discriminator="kind"),
 ]
 _ingest_adapter: TypeAdapter[IngestMessage] = TypeAdapter(IngestMessage)
@@ -154,3 +178,21 @@ def parse_ingest(body: Any) -> IngestMessage:
 def dump(message: BaseModel) -> dict[str, Any]:
     """A message as a JSON-ready dict."""
     return message.model_dump(mode="json")
+
+
+def expired_run(job: Job, at: datetime | None = None) -> RunFinished:
+    """The verdict on a job nobody started before its deadline."""
+    deadline = (
+        job.expires_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        if job.expires_at
+        else "its deadline"
+    )
+    return RunFinished(
+        run_id=job.run_id,
+        site=job.site,
+        region=job.region,
+        status="expired",
+        finished_at=at or utcnow(),
+        stats=RunStats(),
+        error=f"expired: no worker in region {job.region!r} started it before {deadline}",
+    )

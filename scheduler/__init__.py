@@ -1,1 +1,1 @@
-"""Loading and validating sites.yaml, dispatching jobs (later: the beat schedule)."""
+"""Loading and validating sites.yaml, dispatching jobs, the beat that fires schedules."""

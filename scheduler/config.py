@@ -7,6 +7,7 @@ Site-level `politeness` and `limits` are merged over `defaults` by
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
@@ -40,11 +41,36 @@ class Region(_Model):
     description: str | None = None
 
 
+def _check_timezone(name: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone {name!r} (use an IANA name such as Europe/Berlin)"
+        ) from None
+    return name
+
+
+def _check_cron(expression: str) -> str:
+    from scheduler.schedule import check_cron  # the fire-time module owns cron parsing
+
+    check_cron(expression)
+    return expression
+
+
 class Schedule(_Model):
     every: Duration | None = None
-    cron: str | None = None
-    timezone: str = "UTC"
+    cron: Annotated[str, AfterValidator(_check_cron)] | None = None
+    timezone: Annotated[str, AfterValidator(_check_timezone)] = "UTC"
     jitter: Duration = 0.0
+    # A run of the same site and region still queued or running at the next
+    # tick: skip that tick (recorded as a skipped run) or queue it anyway.
+    overlap: Literal["skip", "queue"] = "skip"
+    # After every beat was down: fire the most recent missed tick, or none.
+    catchup: Literal["latest", "none"] = "latest"
+    # Neither `every` nor `cron` (e.g. `schedule: {}` on a site): manual only.
 
     @model_validator(mode="after")
     def _one_kind(self) -> Schedule:
@@ -52,6 +78,8 @@ class Schedule(_Model):
             raise ValueError("give either 'every' or 'cron', not both")
         if self.every is not None and self.every <= 0:
             raise ValueError("'every' must be positive")
+        if self.jitter < 0:
+            raise ValueError("'jitter' must not be negative")
         return self
 
 
@@ -65,8 +93,11 @@ class Politeness(_Model):
 class Limits(_Model):
     max_pages: int = Field(1000, ge=1)
     max_depth: int = Field(5, ge=0)
-    timeout: Duration = 30.0  # per request
-    max_bytes: Size = 10 * 1024 * 1024  # per response
+    timeout: Duration = 30.0  # per request, the whole download (a drip cannot stretch it)
+    max_bytes: Size = 10 * 1024 * 1024  # per response, after decompression
+    max_redirects: int = Field(10, ge=0, le=100)  # per request
+    max_links: int = Field(1000, ge=0)  # links followed from one page
+    max_duration: Duration = 3600.0  # the whole crawl
 
 
 class PolitenessOverride(_Model):
@@ -81,6 +112,49 @@ class LimitsOverride(_Model):
     max_depth: int | None = Field(None, ge=0)
     timeout: Duration | None = None
     max_bytes: Size | None = None
+    max_redirects: int | None = Field(None, ge=0, le=100)
+    max_links: int | None = Field(None, ge=0)
+    max_duration: Duration | None = None
+
+
+def parse_allow_host(entry: str) -> tuple[str, int | None]:
+    """`host`, `host:port` or `[v6]:port` -> (lower-case host, port or None)."""
+    text = entry.strip().lower()
+    port: int | None = None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad host {entry!r}: write [v6-address]:port")
+        rest = rest[1:]
+    elif text.count(":") == 1:
+        host, _, rest = text.partition(":")
+    else:
+        host, rest = text, ""
+    if rest:
+        if not rest.isdigit() or not 0 < int(rest) < 65536:
+            raise ValueError(f"bad port in {entry!r}")
+        port = int(rest)
+    if not host or any(c in host for c in "/ @?#"):
+        raise ValueError(f"bad host {entry!r}: give a host name or address, optionally :port")
+    return host, port
+
+
+def _check_allow_host(entry: str) -> str:
+    parse_allow_host(entry)
+    return entry
+
+
+def _check_allow_network(entry: str) -> str:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"bad network {entry!r}: {exc}") from None
+    return entry
+
+
+# Validated per entry, so an error's location names the bad one.
+AllowHosts = list[Annotated[str, AfterValidator(_check_allow_host)]]
+AllowNetworks = list[Annotated[str, AfterValidator(_check_allow_network)]]
 
 
 def _check_regex(pattern: str) -> str:
@@ -136,6 +210,10 @@ class Defaults(_Model):
     schedule: Schedule | None = None
     politeness: Politeness = Politeness()
     limits: Limits = Limits()
+    # SSRF guard: loopback/private/link-local/metadata addresses are refused
+    # unless listed here (every site) or on the site (that site only).
+    allow_hosts: AllowHosts = []
+    allow_networks: AllowNetworks = []
 
 
 class Site(_Model):
@@ -149,6 +227,8 @@ class Site(_Model):
     extract: Extract | None = None
     politeness: PolitenessOverride = PolitenessOverride()
     limits: LimitsOverride = LimitsOverride()
+    allow_hosts: AllowHosts = []  # added to defaults.allow_hosts
+    allow_networks: AllowNetworks = []  # added to defaults.allow_networks
 
     @model_validator(mode="after")
     def _runnable(self) -> Site:
@@ -183,6 +263,9 @@ class ResolvedSite(_Model):
     extract: Extract | None
     politeness: Politeness
     limits: Limits
+    # Defaults for jobs dispatched before the SSRF guard existed.
+    allow_hosts: list[str] = []
+    allow_networks: list[str] = []
 
 
 def _check_region_name(name: str) -> str:
@@ -244,4 +327,10 @@ class Config(_Model):
             extract=site.extract,
             politeness=politeness,
             limits=limits,
+            allow_hosts=_union(self.defaults.allow_hosts, site.allow_hosts),
+            allow_networks=_union(self.defaults.allow_networks, site.allow_networks),
         )
+
+
+def _union(first: list[str], second: list[str]) -> list[str]:
+    return list(dict.fromkeys([*first, *second]))

@@ -127,7 +127,13 @@ def _compose(text: str, filename: str) -> MappingNode:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         raise ConfigError([_syntax_problem(filename, exc)]) from None
-    except yaml.YAMLError as exc:  # e.g. a control character: no mark to report
+    except yaml.reader.ReaderError as exc:  # a control character: no mark, but a position
+        line = text.count("\n", 0, exc.position) + 1
+        message = (
+            f"unacceptable character #x{exc.character:04x} (control characters are not allowed)"
+        )
+        raise ConfigError([_file_problem(filename, message, line)]) from None
+    except yaml.YAMLError as exc:  # no mark to report
         problem = ConfigProblem(file=filename, line=None, site=None, field="yaml", message=str(exc))
         raise ConfigError([problem]) from None
     expected = "expected a mapping with 'regions' and 'sites'"
@@ -396,9 +402,9 @@ def _undeclared_regions(
     issues = []
     for index, region in enumerate(regions):
         if isinstance(region, str) and region not in declared:
+            names = [d if d.isprintable() and d.strip() else repr(d) for d in declared]
             message = (
-                f"region {region!r} is not declared under 'regions' "
-                f"(declared: {', '.join(declared)})"
+                f"region {region!r} is not declared under 'regions' (declared: {', '.join(names)})"
             )
             issues.append(
                 _Issue((*loc, "regions", index), lines[(*loc, "regions", index)], message)
@@ -469,5 +475,7 @@ def _format_loc(loc: Loc) -> str:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
+            if not part.isprintable() or not part.strip():  # keep the problem on one line
+                part = repr(part)
             text += f".{part}" if text else part
     return text

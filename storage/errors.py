@@ -17,3 +17,11 @@ class SchemaError(StorageError):
     Typically the database was migrated by a newer geoscrape (its revision is
     unknown here), or a migration failed.
     """
+
+
+class QueryError(StorageError):
+    """A query the store cannot answer as asked: a bad filter or value (HTTP 400)."""
+
+
+class NotFoundError(QueryError):
+    """The site, key or tick asked about is not in the store (HTTP 404)."""

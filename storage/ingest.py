@@ -37,10 +37,17 @@ from kombu.mixins import ConsumerMixin
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from regions.bus import INGEST_QUEUE, connect
+from regions.bus import INGEST_QUEUE, connect, queue_depth
 from regions.messages import IngestMessage, MessageError, parse_ingest, utcnow
 from storage.db import make_engine, session_factory
+from storage.deadletter import (
+    DeadLetter,
+    apply_dead_letter,
+    dead_letter_consumer,
+    parse_dead_letter,
+)
 from storage.migrate import ensure_schema
+from storage.reaper import Reaper, celery_publisher, lease_settings
 from storage.writer import apply_message, record_bad_message
 
 log = logging.getLogger("geoscrape.ingest")
@@ -62,6 +69,7 @@ class _Delivery:
     message: Message
     parsed: IngestMessage | None = None
     error: str | None = None  # set: this message goes to bad_messages
+    dead: DeadLetter | None = None  # from scrape.dead (parsed is then its verdict)
     received_at: datetime = field(default_factory=utcnow)
 
     @property
@@ -74,6 +82,8 @@ class _Delivery:
     def describe(self) -> str:
         if self.parsed is not None:
             p = self.parsed
+            if p.kind == "worker_heartbeat":
+                return f"{p.kind} worker={p.name}"
             return f"{p.kind} run={p.run_id}" + (f" seq={p.seq}" if p.kind == "items" else "")
         return f"delivery {self.message.delivery_tag}"
 
@@ -112,8 +122,12 @@ class Ingest(ConsumerMixin):
         group_size: int = GROUP_SIZE,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
+        reaper: Reaper | None = None,
     ) -> None:
         self.connection = connection
+        self.reaper = reaper
+        self._next_reap = 0.0
+        self._listening_since = 0.0
         self.sessions = sessions
         self._stop_fn = should_stop
         self._stop_flag = False
@@ -149,8 +163,18 @@ class Ingest(ConsumerMixin):
                 on_message=self._on_message,
                 accept=["json"],
                 prefetch_count=self.prefetch_count,
-            )
+            ),
+            dead_letter_consumer(consumer_cls, self._on_dead_letter, self.prefetch_count),
         ]
+
+    def _on_dead_letter(self, message: Message) -> None:
+        delivery = _Delivery(message)
+        try:
+            delivery.dead = parse_dead_letter(message)
+            delivery.parsed = delivery.dead.verdict
+        except MessageError as exc:
+            delivery.error = f"dead letter: {exc}"
+        self._pending.append(delivery)
 
     def on_consume_ready(
         self, connection: Connection, channel: Any, consumers: Any, **kw: Any
@@ -199,11 +223,18 @@ class Ingest(ConsumerMixin):
     ) -> Iterator[None]:
         # ConsumerMixin.consume, plus grouping: commit when the group is full
         # or when no further message arrives within GROUP_WAIT.
-        with self.consumer_context(**kwargs) as (conn, _channel, _consumers):
+        with self.consumer_context(**kwargs) as (conn, channel, _consumers):
             self._conn = conn
-            self._pending = []  # deliveries of a previous connection can no longer be acked
+            # Deliveries of a previous connection can no longer be acked: drop them
+            # (the broker redelivers them). Keep those of this channel: they may arrive
+            # while the consumers start (a basic.consume waits for its ConsumeOk and
+            # dispatches deliveries meanwhile); dropped, they would stay unacked for
+            # as long as this connection lives.
+            self._pending = [d for d in self._pending if d.message.channel is channel]
+            self._listening_since = time.monotonic()
             while not self.should_stop:
                 conn.heartbeat_check()
+                self._maybe_reap()
                 try:
                     conn.drain_events(timeout=GROUP_WAIT if self._pending else safety_interval)
                 except TimeoutError:
@@ -220,6 +251,22 @@ class Ingest(ConsumerMixin):
             # Stopping: anything still pending is unacked and will be redelivered.
             self._pending = []
 
+    def _maybe_reap(self) -> None:
+        """Run the reaper when due, caught up, and listening for at least one lease."""
+        reaper, now = self.reaper, time.monotonic()
+        if reaper is None or self._pending or self._conn is None or now < self._next_reap:
+            return
+        self._next_reap = now + reaper.interval
+        if now - self._listening_since < reaper.lease:
+            return  # heartbeats sent while we were away may still be on their way
+        depth = queue_depth(self._conn, INGEST_QUEUE.name)
+        if depth is None or depth[0] > 0:
+            return  # a backlog may hold fresher heartbeats than the store
+        try:
+            reaper.reap()
+        except Exception as exc:  # database or broker away: next time
+            log.warning("reaper: %s", _one_line(exc))
+
     # -- writing ------------------------------------------------------------
 
     def _flush(self) -> None:
@@ -229,7 +276,9 @@ class Ingest(ConsumerMixin):
     def _write(self, group: list[_Delivery]) -> None:
         with self.sessions.begin() as session:
             for d in group:
-                if d.parsed is not None:
+                if d.parsed is not None and d.dead is not None:
+                    apply_dead_letter(session, d.dead)
+                elif d.parsed is not None:
                     apply_message(session, d.parsed)
                 else:
                     record_bad_message(session, d.body_text, d.error or "", d.received_at)
@@ -310,7 +359,11 @@ def run_ingest(
     should_stop: Callable[[], bool] | None = None,
     ready: threading.Event | None = None,
 ) -> None:
-    """Bring the schema to head, then consume the ingest queue until should_stop()."""
+    """Bring the schema to head, then consume the ingest queue until should_stop().
+
+    Also runs the reaper (storage/reaper.py) over the runs' leases.
+    """
+    lease, max_attempts = lease_settings()  # a bad setting fails before anything starts
     stopping = should_stop or (lambda: False)
     delay = 0.5
     while True:
@@ -326,8 +379,10 @@ def run_ingest(
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
     engine = make_engine(db_url)
+    sessions = session_factory(engine)
+    reaper = Reaper(sessions, celery_publisher(broker_url), lease=lease, max_attempts=max_attempts)
     try:
         with connect(broker_url) as connection:
-            Ingest(connection, session_factory(engine), should_stop=should_stop, ready=ready).run()
+            Ingest(connection, sessions, should_stop=should_stop, ready=ready, reaper=reaper).run()
     finally:
         engine.dispose()

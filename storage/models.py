@@ -3,7 +3,9 @@
 - ``runs``: one row per run (one crawl of one site from one region), keyed by
   the run id fixed at dispatch.
 - ``items``: the latest data per (site, region, key).
-- ``observations``: what each run saw, per key (history).
+- ``observations``: what each run saw, per key (history); the data by content
+  hash, so an unchanged item costs one narrow row per run, not a copy.
+- ``contents``: each distinct item data once, keyed by its content hash.
 - ``fetches``: every URL a run fetched, with its HTTP status.
 - ``bad_messages``: ingest messages that did not parse, kept for inspection.
 - ``dead_jobs``: dead-lettered jobs, kept for `geoscrape dead` and requeue.
@@ -34,7 +36,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Deterministic constraint names on every backend (SQLite batch migrations need names).
 NAMING_CONVENTION = {
@@ -90,7 +92,13 @@ class Base(DeclarativeBase):
 
 class Run(Base):
     __tablename__ = "runs"
-    __table_args__ = (Index(None, "site", "region", "queued_at"),)
+    __table_args__ = (
+        Index(None, "site", "region", "queued_at"),
+        # each region's latest succeeded run (compare, changes); a tick's runs
+        Index(None, "site", "status", "finished_at"),
+        Index(None, "site", "tick"),
+        Index(None, "status", "heartbeat_at"),  # the reaper's scan
+    )
 
     id: Mapped[str] = mapped_column(String, primary_key=True)
     site: Mapped[str] = mapped_column(String)
@@ -110,6 +118,9 @@ class Run(Base):
     job: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     # Deliveries of the job that started a crawl (poison-job accounting).
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The run's lease: the newest heartbeat (RunStarted, ItemBatch, RunProgress),
+    # by the worker's clock; the reaper bumps it when it redelivers (storage/reaper.py).
+    heartbeat_at: Mapped[datetime | None]
 
 
 class Worker(Base):
@@ -143,11 +154,23 @@ class Item(Base):
     last_seen_at: Mapped[datetime]
 
 
+class Content(Base):
+    """One distinct item data, stored once whatever the number of runs that saw it."""
+
+    __tablename__ = "contents"
+
+    hash: Mapped[str] = mapped_column(String, primary_key=True)  # storage.content.content_hash
+    data: Mapped[dict[str, Any]]
+
+
 class Observation(Base):
     __tablename__ = "observations"
     __table_args__ = (
         UniqueConstraint("run_id", "key"),
         Index(None, "site", "region", "key"),
+        # history of one key across regions; exports and changes by time
+        Index(None, "site", "key"),
+        Index(None, "site", "observed_at"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
@@ -156,8 +179,14 @@ class Observation(Base):
     region: Mapped[str] = mapped_column(String)
     key: Mapped[str] = mapped_column(Text)
     url: Mapped[str] = mapped_column(Text)
-    data: Mapped[dict[str, Any]]
+    content_hash: Mapped[str] = mapped_column(String, ForeignKey("contents.hash"))
     observed_at: Mapped[datetime]
+
+    content: Mapped[Content] = relationship(lazy="joined", viewonly=True)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.content.data
 
 
 class FetchRecord(Base):
@@ -205,6 +234,7 @@ class DeadJob(Base):
 runs = cast(Table, Run.__table__)
 items = cast(Table, Item.__table__)
 observations = cast(Table, Observation.__table__)
+contents = cast(Table, Content.__table__)
 fetches = cast(Table, FetchRecord.__table__)
 bad_messages = cast(Table, BadMessage.__table__)
 dead_jobs = cast(Table, DeadJob.__table__)

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from storage.models import FetchRecord, Item, Run
+from storage.models import FetchRecord, Item, Run, Worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,3 +144,101 @@ def list_fetches(session: Session, run_id: str) -> list[FetchRow]:
         .order_by(FetchRecord.fetched_at, FetchRecord.id)
     )
     return [FetchRow.of(f) for f in session.scalars(stmt)]
+
+
+# --- workers and status (geoscrape status) ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    name: str
+    region: str
+    host: str
+    pid: int
+    egress: str | None
+    started_at: datetime
+    last_seen_at: datetime
+    stopped_at: datetime | None
+
+    @classmethod
+    def of(cls, worker: Worker) -> WorkerRow:
+        return cls(
+            name=worker.name,
+            region=worker.region,
+            host=worker.host,
+            pid=worker.pid,
+            egress=worker.egress,
+            started_at=worker.started_at,
+            last_seen_at=worker.last_seen_at,
+            stopped_at=worker.stopped_at,
+        )
+
+
+def live_workers(session: Session, seen_since: datetime) -> list[WorkerRow]:
+    """Workers heard from at or after ``seen_since`` that have not said they stopped."""
+    stmt = (
+        select(Worker)
+        .where(Worker.last_seen_at >= seen_since, Worker.stopped_at.is_(None))
+        .order_by(Worker.region, Worker.host, Worker.pid)
+    )
+    return [WorkerRow.of(w) for w in session.scalars(stmt)]
+
+
+def last_runs(session: Session) -> list[RunRow]:
+    """The newest run of every (site, region), ordered by region then site."""
+    newest = func.coalesce(Run.queued_at, Run.started_at, Run.finished_at)
+    ranked = select(
+        Run.id,
+        func.row_number()
+        .over(
+            partition_by=(Run.site, Run.region),
+            order_by=(newest.desc().nulls_last(), Run.id.desc()),
+        )
+        .label("n"),
+    ).subquery()
+    stmt = (
+        select(Run)
+        .join(ranked, ranked.c.id == Run.id)
+        .where(ranked.c.n == 1)
+        .order_by(Run.region, Run.site)
+    )
+    return [RunRow.of(r) for r in session.scalars(stmt)]
+
+
+# --- paged lists (the HTTP API, exports) ----------------------------------------
+
+
+def list_runs_page(
+    session: Session,
+    site: str | None = None,
+    region: str | None = None,
+    status: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[RunRow]:
+    """Like list_runs, plus a time window on the run's time (queued, else started,
+    else finished) and an offset."""
+    newest = func.coalesce(Run.queued_at, Run.started_at, Run.finished_at)
+    stmt = select(Run)
+    for column, value in ((Run.site, site), (Run.region, region), (Run.status, status)):
+        if value is not None:
+            stmt = stmt.where(column == value)
+    if since is not None:
+        stmt = stmt.where(newest >= since)
+    if until is not None:
+        stmt = stmt.where(newest < until)
+    stmt = stmt.order_by(newest.desc().nulls_last(), Run.id.desc()).limit(limit).offset(offset)
+    return [RunRow.of(r) for r in session.scalars(stmt)]
+
+
+def list_items_page(
+    session: Session, site: str, region: str | None = None, limit: int = 100, offset: int = 0
+) -> list[ItemRow]:
+    """A page of list_items (by region, then key)."""
+    stmt = select(Item).where(Item.site == site)
+    if region is not None:
+        stmt = stmt.where(Item.region == region)
+    stmt = stmt.order_by(Item.region, Item.key).limit(limit).offset(offset)
+    return [ItemRow.of(i) for i in session.scalars(stmt)]

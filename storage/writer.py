@@ -9,9 +9,13 @@ depend on the order of arrival:
   built from that message), then only ever moved forward: a status goes up
   in rank (queued < running < succeeded/failed), never down.
 - Observations and fetches are inserted once per (run_id, key) and
-  (run_id, url); a redelivered batch inserts nothing.
+  (run_id, url); a redelivered batch inserts nothing. An observation holds
+  the content hash of its data; the data goes to ``contents`` once per
+  distinct value (storage.content), so unchanged items do not copy it again.
 - An item (site, region, key) keeps the data of its newest observation; an
   older batch arriving late only pushes first_seen_at back if it is earlier.
+- A run's lease (heartbeat_at) and attempts only grow: the newest heartbeat
+  time (RunStarted, ItemBatch, RunProgress) and the highest attempt seen.
 
 Every write is one set-based SQL statement (atomic on its own), so two ingest
 processes can apply messages concurrently.
@@ -24,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, case, or_, update
+from sqlalchemy import ColumnElement, Table, case, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -36,9 +40,11 @@ from regions.messages import (
     RunQueued,
     RunStarted,
     ScrapedItem,
+    WorkerHeartbeat,
 )
+from storage.content import content_hash
 from storage.errors import UnsupportedDatabaseError
-from storage.models import bad_messages, fetches, items, observations, runs
+from storage.models import bad_messages, contents, fetches, items, observations, runs, workers
 
 # A status only moves to a higher rank. Statuses not listed (later: skipped,
 # expired, dead) are final.
@@ -48,7 +54,8 @@ FINAL_RANK = 2
 # Placeholder for a run first seen through a message other than RunQueued.
 UNKNOWN_TRIGGER = "unknown"
 
-IngestMessage = RunQueued | RunStarted | ItemBatch | RunProgress | RunFinished
+RunMessage = RunQueued | RunStarted | ItemBatch | RunProgress | RunFinished
+IngestMessage = RunMessage | WorkerHeartbeat
 
 
 def status_rank(status: str) -> int:
@@ -97,7 +104,7 @@ def _cleaned(msg: IngestMessage) -> IngestMessage:
 # --- runs --------------------------------------------------------------------
 
 
-def _ensure_run(session: Session, msg: IngestMessage, status: str, **fields: Any) -> None:
+def _ensure_run(session: Session, msg: RunMessage, status: str, **fields: Any) -> None:
     """Create the run row from ``msg`` unless it exists (any message may come first)."""
     row: dict[str, Any] = {
         "id": msg.run_id,
@@ -114,6 +121,7 @@ def _ensure_run(session: Session, msg: IngestMessage, status: str, **fields: Any
         "error": None,
         "job": None,
         "attempts": 0,
+        "heartbeat_at": None,
     }
     row.update(fields)
     stmt = insert(session, runs).values(row)
@@ -127,6 +135,27 @@ def _raise_status(session: Session, run_id: str, status: str) -> None:
         .where(runs.c.id == run_id, _rank_of(runs.c.status) < status_rank(status))
         .values(status=status)
     )
+
+
+def _renew_lease(session: Session, run_id: str, at: datetime | None, attempt: int = 0) -> None:
+    """heartbeat_at = max(heartbeat_at, at), attempts = max(attempts, attempt).
+
+    Monotonic, so redelivered or reordered heartbeats change nothing. Only
+    `running` runs are reaped, so a heartbeat on another status is inert.
+    """
+    if at is not None:
+        hb = runs.c.heartbeat_at
+        session.execute(
+            update(runs)
+            .where(runs.c.id == run_id, or_(hb.is_(None), hb < at))
+            .values(heartbeat_at=at)
+        )
+    if attempt:
+        session.execute(
+            update(runs)
+            .where(runs.c.id == run_id, runs.c.attempts < attempt)
+            .values(attempts=attempt)
+        )
 
 
 def _apply_queued(session: Session, msg: RunQueued) -> None:
@@ -148,6 +177,7 @@ def _apply_started(session: Session, msg: RunStarted) -> None:
         .where(runs.c.id == msg.run_id, or_(started.is_(None), started < msg.started_at))
         .values(started_at=msg.started_at, worker=msg.worker)
     )
+    _renew_lease(session, msg.run_id, msg.started_at, msg.attempt)
 
 
 def _apply_progress(session: Session, msg: RunProgress) -> None:
@@ -159,6 +189,7 @@ def _apply_progress(session: Session, msg: RunProgress) -> None:
         .where(runs.c.id == msg.run_id, _rank_of(runs.c.status) < FINAL_RANK)
         .values(stats=stats)
     )
+    _renew_lease(session, msg.run_id, msg.sent_at)
 
 
 def _apply_finished(session: Session, msg: RunFinished) -> None:
@@ -189,12 +220,21 @@ def _apply_batch(session: Session, msg: ItemBatch) -> None:
     _ensure_run(session, msg, "running")
     _raise_status(session, msg.run_id, "running")
     observed_at: datetime = msg.observed_at
+    _renew_lease(session, msg.run_id, observed_at)
 
     # One row per key: the first occurrence in the batch, as observations keep it.
     unique: dict[str, ScrapedItem] = {}
     for item in msg.items:
         unique.setdefault(item.key, item)
+    hashes = {key: content_hash(it.data) for key, it in unique.items()}
 
+    # Sorted, so two ingests inserting overlapping contents lock rows in one order.
+    by_hash = {hashes[key]: it.data for key, it in unique.items()}
+    _execute_many(
+        session,
+        insert(session, contents).on_conflict_do_nothing(index_elements=[contents.c.hash]),
+        ({"hash": h, "data": by_hash[h]} for h in sorted(by_hash)),
+    )
     _execute_many(
         session,
         insert(session, observations).on_conflict_do_nothing(
@@ -207,7 +247,7 @@ def _apply_batch(session: Session, msg: ItemBatch) -> None:
                 "region": msg.region,
                 "key": it.key,
                 "url": it.url,
-                "data": it.data,
+                "content_hash": hashes[it.key],
                 "observed_at": observed_at,
             }
             for it in unique.values()
@@ -276,6 +316,53 @@ def _apply_batch(session: Session, msg: ItemBatch) -> None:
     )
 
 
+# --- worker heartbeats ---------------------------------------------------------
+
+
+def _apply_heartbeat(session: Session, msg: WorkerHeartbeat) -> None:
+    """Upsert the worker's row; any order of (re)delivered heartbeats gives the same row.
+
+    A worker name (region@host:pid) can come back after a container restart, so a
+    heartbeat with a later started_at is a new incarnation and replaces the row; one
+    with an earlier started_at is stale and changes nothing.
+    """
+    row = {
+        "name": msg.name,
+        "region": msg.region,
+        "host": msg.host,
+        "pid": msg.pid,
+        "egress": msg.egress,
+        "started_at": msg.started_at,
+        "last_seen_at": msg.sent_at,
+        "stopped_at": msg.sent_at if msg.stopping else None,
+    }
+    stmt = insert(session, workers).values(row)
+    new, old = stmt.excluded, workers.c
+    newer = new.started_at > old.started_at
+    same = new.started_at == old.started_at
+    later = new.last_seen_at > old.last_seen_at
+
+    def pick(col: str, same_value: Any) -> Any:
+        return case((newer, new[col]), (same, same_value), else_=old[col])
+
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[old.name],
+            set_={
+                "region": pick("region", old.region),
+                "host": pick("host", old.host),
+                "pid": pick("pid", old.pid),
+                "started_at": pick("started_at", old.started_at),
+                "egress": pick("egress", case((later, new.egress), else_=old.egress)),
+                "last_seen_at": pick(
+                    "last_seen_at", case((later, new.last_seen_at), else_=old.last_seen_at)
+                ),
+                "stopped_at": pick("stopped_at", func.coalesce(old.stopped_at, new.stopped_at)),
+            },
+        )
+    )
+
+
 def apply_message(session: Session, msg: IngestMessage) -> None:
     """Apply one parsed ingest message; the caller commits (or rolls back)."""
     msg = _cleaned(msg)
@@ -289,6 +376,8 @@ def apply_message(session: Session, msg: IngestMessage) -> None:
         _apply_progress(session, msg)
     elif isinstance(msg, RunFinished):
         _apply_finished(session, msg)
+    elif isinstance(msg, WorkerHeartbeat):
+        _apply_heartbeat(session, msg)
     else:  # pragma: no cover - parse_ingest only returns the kinds above
         raise TypeError(f"not an ingest message: {type(msg).__name__}")
 

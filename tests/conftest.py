@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -36,28 +37,29 @@ def session_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
+@contextmanager
+def fresh_vhost(name: str) -> Iterator[str]:
+    """A RabbitMQ vhost that exists only inside the block; yields its AMQP URL."""
+    _rabbitmqctl("add_vhost", name)
+    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    try:
+        yield f"amqp://{AMQP_HOST}/{name}"
+    finally:
+        _rabbitmqctl("delete_vhost", name)
+
+
 @pytest.fixture(scope="session")
 def broker_url(session_id: str) -> Iterator[str]:
     """A fresh RabbitMQ vhost for this test session, deleted afterwards."""
-    vhost = f"geoscrape-test-{session_id}"
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    try:
-        yield f"amqp://{AMQP_HOST}/{vhost}"
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
+    with fresh_vhost(f"geoscrape-test-{session_id}") as url:
+        yield url
 
 
 @pytest.fixture
 def vhost_url() -> Iterator[str]:
     """A fresh RabbitMQ vhost for one test: its queues start empty and vanish after."""
-    vhost = f"geoscrape-test-{uuid.uuid4().hex[:10]}"
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    try:
-        yield f"amqp://{AMQP_HOST}/{vhost}"
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
+    with fresh_vhost(f"geoscrape-test-{uuid.uuid4().hex[:10]}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +108,26 @@ def db_url(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> Iterat
     finally:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def redis_prefix(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A key prefix of one's own in the shared Redis (also exported as
+    GEOSCRAPE_REDIS_PREFIX to the processes a test starts); its keys are deleted after."""
+    import redis
+
+    url = os.environ.get("GEOSCRAPE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is not reachable at {url}: {exc} (start redis-server)")
+    prefix = f"geoscrape-test-{uuid.uuid4().hex[:10]}:"
+    monkeypatch.setenv("GEOSCRAPE_REDIS_PREFIX", prefix)
+    try:
+        yield prefix
+    finally:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()

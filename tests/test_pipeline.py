@@ -44,6 +44,7 @@ regions:
 defaults:
   politeness: {delay: 0, concurrency: 8, robots: obey}
   limits: {max_pages: 1000, max_depth: 6, timeout: 5s}
+  allow_hosts: ["127.0.0.1"]
 sites:
 """
 

@@ -30,7 +30,7 @@ from regions.messages import (
 from storage.db import database_url, make_engine, normalize_url, session_factory
 from storage.errors import SchemaError, StorageError, UnsupportedDatabaseError
 from storage.migrate import current_revision, downgrade, ensure_schema, head_revision, upgrade
-from storage.models import Base, bad_messages, fetches, items, observations, runs
+from storage.models import Base, bad_messages, contents, fetches, items, observations, runs
 from storage.queries import (
     FetchRow,
     ItemRow,
@@ -43,7 +43,7 @@ from storage.queries import (
 from storage.writer import IngestMessage, apply_message, record_bad_message
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
-TABLES = (runs, items, observations, fetches, bad_messages)
+TABLES = (runs, items, observations, contents, fetches, bad_messages)
 
 
 def at(minutes: float) -> datetime:
@@ -154,6 +154,7 @@ FINAL_STATS = {
     "bytes": 3000,
     "duration": 61.5,
     "status_codes": {"200": 3},
+    "peak_rss": 0,
 }
 
 
@@ -222,7 +223,13 @@ def test_foreign_keys_enforced(sessions: sessionmaker[Session]) -> None:
     with pytest.raises(IntegrityError), sessions.begin() as session:
         session.execute(
             observations.insert().values(
-                run_id="nope", site="s", region="eu", key="k", url="u", data={}, observed_at=T0
+                run_id="nope",
+                site="s",
+                region="eu",
+                key="k",
+                url="u",
+                content_hash="h",
+                observed_at=T0,
             )
         )
 
@@ -283,7 +290,9 @@ def test_item_batch_applied_twice_changes_nothing(sessions: sessionmaker[Session
         ("r1", "shop", "eu", "a", "https://shop.example/p/a", at(2)),
         ("r1", "shop", "eu", "b", "https://shop.example/p/b", at(2)),
     ]
-    assert [r[6] for r in before["observations"]] == [
+    # The data is stored once per distinct value, by content hash.
+    stored = dict(before["contents"])
+    assert [stored[r[6]] for r in before["observations"]] == [
         {"sku": "a", "price": 10},
         {"sku": "b", "price": 20},
     ]
@@ -379,6 +388,7 @@ def test_progress_replaces_stats_while_running(sessions: sessionmaker[Session]) 
         "bytes": 0,
         "duration": 0.0,
         "status_codes": {},
+        "peak_rss": 0,
     }
 
 
@@ -466,7 +476,8 @@ def test_runs_applied_out_of_order_give_the_same_items(sessions: sessionmaker[Se
     ]  # fmt: skip
     with sessions() as session:
         history = session.execute(
-            select(observations.c.run_id, observations.c.data)
+            select(observations.c.run_id, contents.c.data)
+            .join(contents, contents.c.hash == observations.c.content_hash)
             .where(observations.c.key == "a")
             .order_by(observations.c.observed_at)
         ).all()
@@ -491,7 +502,11 @@ def _normalised_state(sessions: sessionmaker[Session], site: str) -> Any:
         ]  # fmt: skip
         obs = sorted(
             (r.run_id[-2:], r.key, r.observed_at, r.data["price"])
-            for r in session.execute(select(observations).where(observations.c.site == site))
+            for r in session.execute(
+                select(observations, contents.c.data)
+                .join(contents, contents.c.hash == observations.c.content_hash)
+                .where(observations.c.site == site)
+            )
         )
         fetch_list = sorted(
             (r.run_id[-2:], r.url, r.status, r.bytes)
