@@ -35,19 +35,6 @@ defaults:
   allow_hosts: ["{host_port}"]   # the shop is on loopback, which the SSRF guard refuses otherwise
 
 sites:
-  - name: {site}
-    start_urls: ["{base}/index.html"]
-    regions: [eu, us]
-    follow:
-      allow: ['^{base_re}/(index|category|product)']
-    extract:
-      pages: ['/product/']
-      key: sku
-      fields:
-        sku: {{css: ".sku::text"}}
-        name: {{css: "h1::text"}}
-        price: {{css: ".price::text", type: price}}
-        currency: {{css: ".price::attr(data-currency)"}}
 """
 
 
@@ -83,6 +70,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 def run_demo(console: Console, *, products: int = 24, keep: Path | None = None) -> int:
     from geoscrape.progress import wait_for_runs
     from geoscrape.testsite import Catalog, serve
+    from geoscrape.testsite.config import shop_site_yaml
     from regions.bus import broker_url, check_broker
     from scheduler.dispatch import plan_jobs, publish_jobs
     from scheduler.loader import load_config
@@ -101,12 +89,8 @@ def run_demo(console: Console, *, products: int = 24, keep: Path | None = None) 
         shop = stack.enter_context(serve(catalog=Catalog(products=products)))
         config_path = workdir / "sites.yaml"
         config_path.write_text(
-            SITES_YAML.format(
-                site=SITE,
-                base=shop.url,
-                base_re=shop.url.replace(".", r"\."),
-                host_port=f"{shop.host}:{shop.port}",
-            )
+            SITES_YAML.format(host_port=f"{shop.host}:{shop.port}")
+            + shop_site_yaml(SITE, shop.url, regions=", ".join(DEMO_REGIONS))
         )
         config = load_config(config_path)
         console.print(f"demo shop with {products} products at {shop.url}", highlight=False)

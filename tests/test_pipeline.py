@@ -16,26 +16,11 @@ import pytest
 from kombu import Connection
 
 from geoscrape.testsite import Catalog, serve
+from geoscrape.testsite.config import shop_site_yaml
 from regions.bus import scrape_queue
 from tests.harness import Stack, stack, wait_until
 
 pytestmark = pytest.mark.slow
-
-SHOP_SITE = """\
-  - name: {name}
-    start_urls: ["{base}/index.html"]
-    regions: [{regions}]
-    follow:
-      allow: ['^{base_re}/(index|category|product)']
-    extract:
-      pages: ['/product/']
-      key: sku
-      fields:
-        sku: {{css: ".sku::text"}}
-        name: {{css: "h1::text"}}
-        price: {{css: ".price::text", type: price}}
-        currency: {{css: ".price::attr(data-currency)"}}
-"""
 
 HEADER = """\
 regions:
@@ -47,12 +32,6 @@ defaults:
   allow_hosts: ["127.0.0.1"]
 sites:
 """
-
-
-def shop_site(name: str, base: str, regions: str = "eu") -> str:
-    return SHOP_SITE.format(
-        name=name, base=base, base_re=re.escape(base).replace("/", "/"), regions=regions
-    )
 
 
 def closed_port() -> int:
@@ -104,7 +83,7 @@ def test_crawl_of_the_shop_stores_exactly_the_catalog(
     tmp_path: Path, vhost_url: str, db_url: str, shop: tuple[str, Catalog]
 ) -> None:
     base, catalog = shop
-    with stack(tmp_path, vhost_url, db_url, HEADER + shop_site("shop", base)) as s:
+    with stack(tmp_path, vhost_url, db_url, HEADER + shop_site_yaml("shop", base)) as s:
         s.ingest()
         s.worker("eu")
         started = time.monotonic()
@@ -122,7 +101,7 @@ def test_job_for_a_region_without_workers_waits_in_its_queue(
     tmp_path: Path, vhost_url: str, sqlite_url: str, shop: tuple[str, Catalog]
 ) -> None:
     base, catalog = shop
-    config = HEADER + shop_site("shop", base, regions="eu, us")
+    config = HEADER + shop_site_yaml("shop", base, regions="eu, us")
     with stack(tmp_path, vhost_url, sqlite_url, config) as s:
         s.ingest()
         s.worker("eu")
@@ -151,7 +130,7 @@ def test_one_worker_runs_consecutive_crawls_and_survives_a_dead_site(
     with serve(catalog=catalog) as server:
         config = (
             HEADER
-            + shop_site("small", server.url)
+            + shop_site_yaml("small", server.url)
             + f"""\
   - name: dead
     engine: requests

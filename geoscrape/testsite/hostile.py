@@ -29,8 +29,9 @@ import threading
 import time
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from urllib.parse import urlsplit
+
+from geoscrape.testsite.background import BackgroundServer
 
 GOOD_PAGES = 20
 BOMB_BYTES = 256 * 1024 * 1024
@@ -234,19 +235,16 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: the access log is kept in memory."""
 
 
-class HostileSite:
+class HostileSite(BackgroundServer):
     """A running hostile site; `serve_hostile()` starts one, `stop()` or `with` ends it."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._httpd = _Server((host, port), _Handler)
-        self._httpd.site = self
-        self.host = host
-        self.port: int = self._httpd.server_address[1]
-        self.url = f"http://{host}:{self.port}"
+        httpd = _Server((host, port), _Handler)
+        httpd.site = self
+        super().__init__(httpd, host, "hostile")
         self.stopping = threading.Event()
         self._log: list[str] = []
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
 
     def record(self, path: str) -> None:
         with self._lock:
@@ -264,30 +262,11 @@ class HostileSite:
 
     def start(self) -> HostileSite:
         gzip_bomb(), brotli_bomb()  # built before the first request, not inside its timeout
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name=f"hostile-{self.port}", daemon=True
-        )
-        self._thread.start()
-        return self
+        return super().start()
 
     def stop(self) -> None:
-        self.stopping.set()
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join(timeout=5)
-            self._thread = None
-        self._httpd.server_close()
-
-    def __enter__(self) -> HostileSite:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self.stopping.set()  # lets dripping handlers give up
+        super().stop()
 
 
 def serve_hostile(host: str = "127.0.0.1", port: int = 0) -> HostileSite:

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from html import escape
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from urllib.parse import urlsplit
 
+from geoscrape.testsite.background import BackgroundServer
 from geoscrape.testsite.catalog import Catalog, Product
 
 ROBOTS_TXT = "User-agent: *\nDisallow: /private/\n"
@@ -201,18 +201,14 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: the access log is kept in memory, not printed."""
 
 
-class ShopServer:
+class ShopServer(BackgroundServer):
     """A running shop. Use `serve()` to start one; `stop()` or `with` ends it."""
 
     def __init__(self, host: str, port: int, catalog: Catalog) -> None:
         self.catalog = catalog
         self._log: list[tuple[str, str]] = []
         self._lock = threading.Lock()
-        self._httpd = _HTTPServer((host, port), ShopPages(catalog), self._record)
-        self.host = host
-        self.port: int = self._httpd.server_address[1]
-        self.url = f"http://{host}:{self.port}"
-        self._thread: threading.Thread | None = None
+        super().__init__(_HTTPServer((host, port), ShopPages(catalog), self._record), host, "shop")
 
     def _record(self, client: str, path: str) -> None:
         with self._lock:
@@ -227,34 +223,6 @@ class ShopServer:
     def clear_log(self) -> None:
         with self._lock:
             self._log.clear()
-
-    def start(self) -> ShopServer:
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name=f"shop-{self.port}", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        self._httpd.serve_forever()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join(timeout=5)
-            self._thread = None
-        self._httpd.server_close()
-
-    def __enter__(self) -> ShopServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def serve(host: str = "127.0.0.1", port: int = 0, catalog: Catalog | None = None) -> ShopServer:

@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import func, select
 
 from geoscrape.testsite import ShopServer
+from geoscrape.testsite.config import shop_site_yaml
 from regions.messages import FINAL_STATUSES
 from storage.models import Item, Observation, Run
 from tests.faults.conftest import Ledger
@@ -45,18 +46,6 @@ defaults:
   limits: {{max_pages: 1000, max_depth: 6, timeout: 10s}}
   allow_hosts: ["127.0.0.1:{port}"]
 sites:
-  - name: shop
-    start_urls: ["{base}/index.html"]
-    regions: [eu]
-    follow:
-      allow: ['^{base_re}/(index|category|product)']
-    extract:
-      pages: ['/product/']
-      key: sku
-      fields:
-        sku: {{css: ".sku::text"}}
-        name: {{css: "h1::text"}}
-        price: {{css: ".price::text", type: price}}
 """
 
 
@@ -64,7 +53,7 @@ sites:
 def deployment(
     tmp_path: Path, rabbit: RabbitNode, pg: PgCluster, shop: ShopServer
 ) -> Iterator[Stack]:
-    config = CONFIG.format(port=shop.port, base=shop.url, base_re=re.escape(shop.url))
+    config = CONFIG.format(port=shop.port) + shop_site_yaml("shop", shop.url)
     with stack(tmp_path, rabbit.url, pg.create_db(), config) as s:
         done = s.cli("db", "upgrade")
         assert done.returncode == 0, done.stderr
