@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from celery import Celery
 
 from regions.bus import broker_url, scrape_queue
+from regions.messages import Job, dump, utcnow
 from regions.tls import ssl_options
 
 CRAWL_TASK = "geoscrape.crawl"
@@ -48,3 +50,27 @@ def make_app(
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app
+
+
+def send_job(app: Celery, job: Job, producer: Any = None) -> None:
+    """Publish `job` as the crawl task to its region's queue (confirmed, persistent).
+
+    The run id is the Celery task id. A job with `expires_at` carries the AMQP
+    per-message TTL (`expiration`): RabbitMQ dead-letters it to `scrape.dead`
+    (x-death reason `expired`) if no worker took it by then. Celery's own
+    `expires` only sets a header a worker checks on receipt, so it cannot stop
+    a backlog in a region without workers.
+    """
+    options: dict[str, Any] = {}
+    if job.expires_at is not None:
+        left = (job.expires_at - utcnow()).total_seconds()
+        options["expiration"] = max(left, 0.001)  # kombu: seconds -> ms string
+    app.send_task(
+        CRAWL_TASK,
+        args=[dump(job)],
+        task_id=job.run_id,
+        queue=scrape_queue(job.region),
+        routing_key=job.region,
+        producer=producer,
+        **options,
+    )

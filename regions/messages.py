@@ -86,6 +86,19 @@ class RunQueued(_Message):
     # The Job body as published, kept centrally so a lost job can be redelivered.
     job: dict[str, Any] | None = None
 
+    @classmethod
+    def for_job(cls, job: Job) -> RunQueued:
+        """The queued record of a dispatched job, carrying the job itself."""
+        return cls(
+            run_id=job.run_id,
+            site=job.site,
+            region=job.region,
+            trigger=job.trigger,
+            tick=job.tick,
+            queued_at=job.dispatched_at,
+            job=dump(job),
+        )
+
 
 class RunStarted(_Message):
     kind: Literal["run_started"] = "run_started"

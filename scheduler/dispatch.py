@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 from celery import Celery
 from kombu import Connection
 
-from regions.app import CRAWL_TASK, make_app
-from regions.bus import connect, declare_topology, publish_ingest, scrape_queue
+from regions.app import make_app, send_job
+from regions.bus import connect, declare_topology, publish_ingest
 from regions.messages import Job, RunQueued, dump, utcnow
 from scheduler.config import Config
 from scheduler.errors import SchedulerError
@@ -67,37 +66,9 @@ def publish_jobs(jobs: Sequence[Job], broker_url: str | None = None) -> None:
 
 
 def send_jobs(app: Celery, conn: Connection, jobs: Sequence[Job]) -> None:
-    """publish_jobs on an open connection whose topology is declared (the beat's).
-
-    A job with `expires_at` carries the AMQP per-message TTL (`expiration`):
-    RabbitMQ dead-letters it to `scrape.dead` (x-death reason `expired`) if no
-    worker took it by then. Celery's own `expires` only sets a header that a
-    worker checks on receipt, so it cannot stop a backlog in a region without
-    workers.
-    """
+    """publish_jobs on an open connection whose topology is declared (the beat's)."""
     for job in jobs:
-        queued = RunQueued(
-            run_id=job.run_id,
-            site=job.site,
-            region=job.region,
-            trigger=job.trigger,
-            tick=job.tick,
-            queued_at=job.dispatched_at,
-            job=dump(job),
-        )
-        publish_ingest(conn, dump(queued))
+        publish_ingest(conn, dump(RunQueued.for_job(job)))
     with app.producer_or_acquire() as producer:
         for job in jobs:
-            options: dict[str, Any] = {}
-            if job.expires_at is not None:
-                left = (job.expires_at - utcnow()).total_seconds()
-                options["expiration"] = max(left, 0.001)  # kombu: seconds -> ms string
-            app.send_task(
-                CRAWL_TASK,
-                args=[dump(job)],
-                task_id=job.run_id,
-                queue=scrape_queue(job.region),
-                routing_key=job.region,
-                producer=producer,
-                **options,
-            )
+            send_job(app, job, producer)

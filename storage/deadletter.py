@@ -110,16 +110,7 @@ def apply_dead_letter(session: Session, dead: DeadLetter) -> None:
     """Record a dead letter; the caller commits. Idempotent."""
     job = dead.job
     # The run row as the dispatcher described it, whichever message came first.
-    queued = RunQueued(
-        run_id=job.run_id,
-        site=job.site,
-        region=job.region,
-        trigger=job.trigger,
-        tick=job.tick,
-        queued_at=job.dispatched_at,
-        job=dump(job),
-    )
-    apply_message(session, queued)
+    apply_message(session, RunQueued.for_job(job))
     verdict = dead.verdict
     if dead.reason != "expired":
         row = {

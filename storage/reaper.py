@@ -34,9 +34,9 @@ from typing import Any, Literal, cast
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from regions.app import CRAWL_TASK, make_app
+from regions.app import make_app, send_job
 from regions.bus import scrape_queue
-from regions.messages import Job, dump, utcnow
+from regions.messages import Job, utcnow
 from storage.deadletter import LEASE_REASON, DeadLetter, apply_dead_letter
 from storage.errors import StorageError
 from storage.models import runs
@@ -81,13 +81,7 @@ def celery_publisher(broker_url: str) -> PublishJob:
     app = make_app(broker_url)
 
     def publish(job: Job) -> None:
-        app.send_task(
-            CRAWL_TASK,
-            args=[dump(job)],
-            task_id=job.run_id,
-            queue=scrape_queue(job.region),
-            routing_key=job.region,
-        )
+        send_job(app, job)
 
     return publish
 
