@@ -443,7 +443,7 @@ def _css_problem(selector: str) -> str | None:
 def _xpath_problem(expression: str) -> str | None:
     try:
         etree.XPath(expression)
-    except etree.XPathError as exc:
+    except (etree.XPathError, ValueError) as exc:  # ValueError: NUL or control characters
         return f"invalid XPath {expression!r}: {exc}"
     return None
 

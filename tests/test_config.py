@@ -470,3 +470,13 @@ def test_check_errors_return_one_and_every_problem() -> None:
     assert code == 1
     assert len(text.splitlines()) == 6
     assert all(line.startswith(f"{path}:") for line in text.splitlines())
+
+
+def test_xpath_with_a_control_character_is_a_config_error() -> None:
+    # Found by the fuzzer: YAML's "\a" is BEL, which lxml refuses with ValueError.
+    text = BASE.replace('{xpath: "@data-sku"}', '{xpath: "\\an/text()"}')
+    assert errors(text) == [
+        "sites.yaml:12: site 'shop': extract.fields.sku.xpath: invalid XPath '\\x07n/text()': "
+        "All strings must be XML compatible: Unicode or ASCII, no NULL bytes or control "
+        "characters"
+    ]
