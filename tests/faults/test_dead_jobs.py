@@ -8,7 +8,6 @@ started) `geoscrape dead requeue RUN` runs it under the same run id.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +18,10 @@ from geoscrape.testsite import ShopServer
 from regions.bus import scrape_queue
 from tests.faults.services import PgCluster, RabbitNode
 from tests.faults.test_faults import (
-    CONFIG,
     dispatch,
     expected_keys,
     run_row,
+    shop_config,
     stored_items,
     wait_complete,
 )
@@ -35,7 +34,7 @@ pytestmark = pytest.mark.slow
 def deployment(
     tmp_path: Path, rabbit: RabbitNode, pg: PgCluster, shop: ShopServer
 ) -> Iterator[Stack]:
-    config = CONFIG.format(port=shop.port, base=shop.url, base_re=re.escape(shop.url))
+    config = shop_config(shop)
     with stack(tmp_path, rabbit.url, pg.create_db(), config) as s:
         assert s.cli("db", "upgrade").returncode == 0
         yield s

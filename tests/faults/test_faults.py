@@ -49,11 +49,16 @@ sites:
 """
 
 
+def shop_config(shop: ShopServer) -> str:
+    """sites.yaml crawling `shop` from eu, on loopback (allowed past the SSRF guard)."""
+    return CONFIG.format(port=shop.port) + shop_site_yaml("shop", shop.url)
+
+
 @pytest.fixture
 def deployment(
     tmp_path: Path, rabbit: RabbitNode, pg: PgCluster, shop: ShopServer
 ) -> Iterator[Stack]:
-    config = CONFIG.format(port=shop.port) + shop_site_yaml("shop", shop.url)
+    config = shop_config(shop)
     with stack(tmp_path, rabbit.url, pg.create_db(), config) as s:
         done = s.cli("db", "upgrade")
         assert done.returncode == 0, done.stderr

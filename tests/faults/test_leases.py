@@ -22,11 +22,11 @@ from tests.faults.conftest import Ledger
 from tests.faults.poison import FLAG_ENV, URL_ENV
 from tests.faults.services import PgCluster, RabbitNode, ServiceError
 from tests.faults.test_faults import (
-    CONFIG,
     count,
     dispatch,
     expected_keys,
     run_row,
+    shop_config,
     wait_complete,
 )
 from tests.harness import stack, wait_until
@@ -175,9 +175,7 @@ def test_a_crawl_longer_than_consumer_timeout_runs_once(
     lease_env: None,
 ) -> None:
     # One request at a time, half a second apart: ~170 pages take well over a minute.
-    config = CONFIG.format(port=shop.port, base=shop.url, base_re=re.escape(shop.url)).replace(
-        "delay: 0.05, concurrency: 2", "delay: 0.5, concurrency: 1"
-    )
+    config = shop_config(shop).replace("delay: 0.05, concurrency: 2", "delay: 0.5, concurrency: 1")
     with stack(tmp_path, strict_rabbit.url, pg.create_db(), config) as s:
         assert s.cli("db", "upgrade").returncode == 0
         expected = expected_keys(shop)
