@@ -111,7 +111,7 @@ def runs(
     site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
     region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
     status: Annotated[str | None, typer.Option(help="Only runs in this status.")] = None,
-    limit: Annotated[int, typer.Option(min=1)] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=100_000)] = 50,
 ) -> None:
     """List recent runs, newest first."""
     from storage.queries import list_runs

@@ -37,6 +37,13 @@ _SEQ_TAG = "tag:yaml.org,2002:seq"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
+# Bounds on what a sites file may cost to read: a "billion laughs" file (aliases
+# of aliases) is a few hundred bytes that expand to billions of values, and deep
+# nesting overflows PyYAML's recursive composer. Real configs are far below these.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+MAX_NESTING = 64
+MAX_VALUES = 100_000  # values built, counting every expansion of an alias
+
 # `$${` is a literal `${`; any other `${` that is not a well-formed reference is an error.
 _VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
 
@@ -85,9 +92,15 @@ def parse_config(
     text: str, filename: str = "<string>", env: Mapping[str, str] | None = None
 ) -> Config:
     """Validate config text; raise ConfigError with every problem found."""
+    if len(text) > MAX_CONFIG_BYTES:
+        message = f"the config is {len(text):,} characters; the limit is {MAX_CONFIG_BYTES:,}"
+        raise ConfigError([_file_problem(filename, message)])
     root = _compose(text, filename)
     builder = _Builder(os.environ if env is None else env)
-    data = builder.build(root, (), _line(root))
+    try:
+        data = builder.build(root, (), _line(root))
+    except _TooLarge as exc:
+        raise ConfigError([_file_problem(filename, exc.message, exc.line)]) from None
 
     issues = builder.issues + _cross_checks(data, builder.lines)
     config: Config | None = None
@@ -121,10 +134,27 @@ def _file_problem(filename: str, message: str, line: int | None = None) -> Confi
     return ConfigProblem(file=filename, line=line, site=None, field="", message=message)
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses nesting deeper than MAX_NESTING."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                mark = self.peek_event().start_mark
+                problem = f"nested deeper than {MAX_NESTING} levels"
+                raise yaml.composer.ComposerError(None, None, problem, mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def _compose(text: str, filename: str) -> MappingNode:
     """The document's root node, which must be a mapping; syntax errors end here."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_BoundedLoader)
     except yaml.MarkedYAMLError as exc:
         raise ConfigError([_syntax_problem(filename, exc)]) from None
     except yaml.reader.ReaderError as exc:  # a control character: no mark, but a position
@@ -157,6 +187,12 @@ def _syntax_problem(filename: str, exc: yaml.MarkedYAMLError) -> ConfigProblem:
     return ConfigProblem(file=filename, line=line, site=None, field="yaml", message=message)
 
 
+class _TooLarge(Exception):
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
 class _Builder:
     """Plain Python data from YAML nodes, plus the line of every path and the problems.
 
@@ -172,8 +208,13 @@ class _Builder:
         self.broken: set[Loc] = set()
         self._scalars = yaml.constructor.SafeConstructor()
         self._building: set[int] = set()  # collections in progress, to stop recursive aliases
+        self._values = 0  # values built so far, to stop alias bombs (MAX_VALUES)
 
     def build(self, node: Node, loc: Loc, line: int) -> Any:
+        self._values += 1
+        if self._values > MAX_VALUES:  # stop at once: the rest would only cost more
+            message = f"the document expands to more than {MAX_VALUES:,} values (aliases?)"
+            raise _TooLarge(_line(node), message)
         self.lines[loc] = line
         if isinstance(node, ScalarNode):
             return self._scalar(node, loc)

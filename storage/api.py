@@ -17,14 +17,17 @@ import os
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
+from urllib.parse import unquote_to_bytes
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from regions.messages import RunStatus
 from storage.access import AccessResult, access
@@ -32,10 +35,13 @@ from storage.compare import CompareResult, compare
 from storage.errors import NotFoundError, QueryError, StorageError
 from storage.history import ChangesResult, HistoryResult, changes, history
 from storage.queries import ItemRow, RunRow, list_items_page, list_runs_page
-from storage.since import parse_since
+from storage.since import TIME_PATTERN, parse_since
 
 TOKEN_ENV = "GEOSCRAPE_API_TOKEN"
 MAX_LIMIT = 1000
+# Far past any real store, and small enough that offset + limit stays a 64-bit integer.
+MAX_OFFSET = 10**15
+MAX_FIELDS = 100  # `field` filters per request
 RUN_STATUSES = frozenset(RunStatus.__args__)  # type: ignore[attr-defined]
 
 T = TypeVar("T")
@@ -80,7 +86,17 @@ class _Unauthorised(Exception):
 Db = Annotated[Session, Depends(_session)]
 guarded = [Depends(_authorised)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="rows per page")]
-Offset = Annotated[int, Query(ge=0, description="rows to skip")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="rows to skip")]
+# The time filters: storage.since parses them (and phrases the errors the CLI
+# shares); the pattern is in the document only, so FastAPI does not answer first.
+Time = Annotated[
+    str | None,
+    Query(
+        description="30m, 12h, 1d, 2w ago, or ISO date/time",
+        json_schema_extra={"pattern": TIME_PATTERN},
+    ),
+]
+Fields = Annotated[list[str] | None, Query(max_length=MAX_FIELDS, description="only these fields")]
 
 
 def _page(rows: list[Any], limit: int, offset: int) -> dict[str, Any]:
@@ -145,7 +161,14 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        # Keep the exception's headers: a 405 carries `Allow`.
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    app.add_middleware(RefuseNul)
+    app.add_middleware(HeadAsGet)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:
@@ -179,8 +202,8 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         site: str | None = None,
         region: str | None = None,
         status: str | None = None,
-        since: Annotated[str | None, Query(description="30m, 12h, 1d or ISO time")] = None,
-        until: Annotated[str | None, Query(description="30m, 12h, 1d or ISO time")] = None,
+        since: Time = None,
+        until: Time = None,
         limit: Limit = 50,
         offset: Offset = 0,
     ) -> dict[str, Any]:
@@ -205,18 +228,17 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         db: Db, site: str, region: str | None = None, limit: Limit = 100, offset: Offset = 0
     ) -> dict[str, Any]:
         """The latest data of every item of the site, by region then key."""
-        rows = list_items_page(db, site, region=region, limit=limit + 1, offset=offset)
-        if not rows and offset == 0:
-            from storage.snapshots import require_site
+        from storage.snapshots import require_site
 
-            require_site(db, site)
+        require_site(db, site)  # on every page: an unknown site is 404 at any offset
+        rows = list_items_page(db, site, region=region, limit=limit + 1, offset=offset)
         return _page(rows, limit, offset)
 
     @app.get("/sites/{site}/compare", dependencies=guarded, response_model=CompareResult)
     def compare_(
         db: Db,
         site: str,
-        field: Annotated[list[str] | None, Query(description="only these fields")] = None,
+        field: Fields = None,
         tick: Annotated[str | None, Query(description="the runs of this tick")] = None,
         only_diff: bool = False,
         limit: Limit = 100,
@@ -243,7 +265,7 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         site: str,
         key: Annotated[str, Query(description="the item key")],
         region: str | None = None,
-        field: Annotated[list[str] | None, Query(description="only these fields")] = None,
+        field: Fields = None,
     ) -> HistoryResult:
         """The values of one item over time, per region."""
         return history(db, site, key, region=region, fields=field)
@@ -252,7 +274,13 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
     def changes_(
         db: Db,
         site: str,
-        since: Annotated[str, Query(description="30m, 12h, 1d or ISO time")] = "1d",
+        since: Annotated[
+            str,
+            Query(
+                description="30m, 12h, 1d, 2w ago, or ISO date/time",
+                json_schema_extra={"pattern": TIME_PATTERN},
+            ),
+        ] = "1d",
         region: str | None = None,
         limit: Limit = 100,
         offset: Offset = 0,
@@ -262,6 +290,66 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         return changes(db, site, when, region=region, limit=limit, offset=offset)
 
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document as the API really answers: bad parameters are 400
+    with ``{"error": ...}`` (FastAPI would document a 422 with its own shape)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+class HeadAsGet:
+    """Answer HEAD wherever GET is answered: the same status and headers, no body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+
+
+class RefuseNul:
+    """A NUL character in the path or a parameter is a 400 before any handler runs
+    (PostgreSQL cannot store or compare text containing one)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw = unquote_to_bytes(scope.get("raw_path") or b"") + unquote_to_bytes(
+                scope.get("query_string", b"").replace(b"+", b" ")
+            )
+            if b"\x00" in raw or "\x00" in scope.get("path", ""):
+                response = JSONResponse(
+                    {"error": "bad request: NUL characters are not allowed in the URL"},
+                    status_code=400,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def serve(host: str, port: int, database_url: str | None = None) -> None:

@@ -121,6 +121,13 @@ class Comparison:
         declared, key_field = declared_fields(site_config(session, site))
         self.declared = declared
         if fields:
+            known = list(declared) if declared else self._observed_fields()
+            unknown = [f for f in dict.fromkeys(fields) if f not in known]
+            if unknown:
+                raise QueryError(
+                    f"field: {', '.join(map(repr, unknown))} is not a field of site {site!r} "
+                    f"(fields: {', '.join(known) or 'none yet'})"
+                )
             self.fields = list(dict.fromkeys(fields))
         elif declared:
             self.fields = [f for f in declared if f != key_field]

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -158,10 +159,13 @@ def api_server(url: str, token: str | None = None) -> Iterator[str]:
     env = cli_env(url, **extra)
     if not token:
         env.pop("GEOSCRAPE_API_TOKEN", None)
+    # The log goes to a file: a pipe nobody drains fills up after ~64 KB of
+    # access-log lines and then blocks the server mid-request.
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in the finally below)
     proc = subprocess.Popen(
         [sys.executable, "-m", "geoscrape.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -175,7 +179,8 @@ def api_server(url: str, token: str | None = None) -> Iterator[str]:
             except requests.ConnectionError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                output = proc.stdout.read() if proc.stdout else ""
+                log.seek(0)
+                output = log.read()
                 raise AssertionError(f"the API did not come up on {base}:\n{output}")
             time.sleep(0.2)
         yield base
@@ -186,3 +191,4 @@ def api_server(url: str, token: str | None = None) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
