@@ -52,10 +52,12 @@ def worker(
     from regions.bus import check_broker
     from regions.worker import check_region, run_worker
     from scheduler.loader import load_config
+    from scraper.runner import run_job
 
     check_region(region, list(load_config(config).regions))
     check_broker()
-    run_worker(region, concurrency=concurrency)
+    # The crawl runner is handed down: regions sits below scraper and never imports it.
+    run_worker(region, run_job, concurrency=concurrency)
 
 
 @app.command()
@@ -63,6 +65,7 @@ def ingest() -> None:
     """Consume the `ingest` queue and write results to the store (idempotently)."""
     import logging
 
+    from regions.app import job_publisher
     from regions.bus import broker_url, check_broker
     from storage.ingest import run_ingest
 
@@ -73,7 +76,8 @@ def ingest() -> None:
     # SIGTERM (docker stop, the demo) finishes the message in hand, then exits.
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    run_ingest(broker_url(), url, should_stop=stopping.is_set)
+    broker = broker_url()
+    run_ingest(broker, url, publish_job=job_publisher(broker), should_stop=stopping.is_set)
 
 
 @app.command()

@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
         from scheduler.beat import BeatOptions, run_beat
         from scheduler.redis import connect_redis, redis_prefix
         from storage.db import database_url
+        from storage.queries import open_run_checker
 
         logging.basicConfig(
             level=logging.INFO,
@@ -59,7 +60,7 @@ def register(app: typer.Typer) -> None:
             broker_url=broker_url(),
             redis_client=client,
             prefix=redis_prefix(),
-            database_url=database_url(),
+            open_run=open_run_checker(database_url()),
             options=BeatOptions(lease=lease, reload_interval=reload_interval, window=replay_window),
             should_stop=stopping.is_set,
         )

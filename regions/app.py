@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from celery import Celery
 
-from regions.bus import broker_url, scrape_queue
+from regions.bus import CRAWL_TASK, broker_url, scrape_queue
 from regions.messages import Job, dump, utcnow
 from regions.tls import ssl_options
 
-CRAWL_TASK = "geoscrape.crawl"
+__all__ = ["CRAWL_TASK", "job_publisher", "make_app", "send_job"]
 
 
 def make_app(
@@ -50,6 +50,17 @@ def make_app(
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app
+
+
+def job_publisher(broker_url: str) -> Callable[[Job], None]:
+    """Publish a job as dispatch does: the Celery crawl task, confirmed, to its region.
+    Handed to storage's reaper and `dead requeue`, which must not import Celery."""
+    app = make_app(broker_url)
+
+    def publish(job: Job) -> None:
+        send_job(app, job)
+
+    return publish
 
 
 def send_job(app: Celery, job: Job, producer: Any = None) -> None:

@@ -29,6 +29,8 @@ SCRAPE_EXCHANGE = Exchange("scrape", type="direct", durable=True)
 DEAD_EXCHANGE = Exchange("scrape.dlx", type="fanout", durable=True)
 INGEST_EXCHANGE = Exchange("ingest", type="direct", durable=True)
 INGEST_ROUTING_KEY = "ingest"
+# The Celery task name of a crawl job (its dead letters are recognised by it).
+CRAWL_TASK = "geoscrape.crawl"
 
 DEAD_QUEUE = Queue("scrape.dead", exchange=DEAD_EXCHANGE, routing_key="", durable=True)
 INGEST_QUEUE = Queue(

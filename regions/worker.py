@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from celery import Celery
 from celery.exceptions import Reject
@@ -31,7 +32,7 @@ from regions.app import CRAWL_TASK, make_app
 from regions.bus import connect, missing_topology, publish_ingest, redact, scrape_queue_name
 from regions.errors import UnknownRegion
 from regions.heartbeat import Heartbeat, worker_name
-from regions.messages import Job, dump, expired_run, utcnow
+from regions.messages import Job, RunFinished, dump, expired_run, utcnow
 
 log = logging.getLogger("geoscrape.worker")
 
@@ -85,8 +86,22 @@ def ack_delivery(task_id: str) -> None:
     request.acknowledged = True  # Celery's own late ack becomes a no-op
 
 
-def worker_app(region: str, url: str | None = None) -> Celery:
-    """A Celery app whose only task crawls jobs of `region`."""
+class CrawlRunner(Protocol):
+    """Runs one job to its end (scraper.runner.run_job), publishing every message
+    through `publish`; calls `on_started` once its run_started is confirmed."""
+
+    def __call__(
+        self,
+        job: Job,
+        publish: Callable[[BaseModel], None],
+        *,
+        worker: str,
+        on_started: Callable[[], None],
+    ) -> RunFinished: ...
+
+
+def worker_app(region: str, run_job: CrawlRunner, url: str | None = None) -> Celery:
+    """A Celery app whose only task crawls jobs of `region` with `run_job`."""
     app = make_app(url, regions=[region], declare=False)
     name = worker_name(region)
 
@@ -95,9 +110,6 @@ def worker_app(region: str, url: str | None = None) -> Celery:
     # rejected to scrape.dead before that.
     @app.task(name=CRAWL_TASK, bind=True, Request=CrawlRequest)
     def crawl(self: Any, job_body: dict[str, Any]) -> None:
-        # Imported here so `geoscrape worker --help` stays fast.
-        from scraper.runner import run_job
-
         job = Job.model_validate(job_body)
         if job.region != region:
             # Never run another region's job from here: park it for a human.
@@ -133,9 +145,11 @@ def worker_app(region: str, url: str | None = None) -> Celery:
     return app
 
 
-def run_worker(region: str, *, concurrency: int = 1, url: str | None = None) -> None:
+def run_worker(
+    region: str, run_job: CrawlRunner, *, concurrency: int = 1, url: str | None = None
+) -> None:
     """Run a worker for `region` in the foreground until stopped (SIGTERM/SIGINT)."""
-    app = worker_app(region, url)
+    app = worker_app(region, run_job, url)
     wait_for_topology(app.conf.broker_url, region)
     heartbeat = Heartbeat(app.conf.broker_url, region).start()
     try:

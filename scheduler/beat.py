@@ -41,8 +41,6 @@ from typing import Any
 
 import redis
 from kombu import Connection
-from sqlalchemy import exc as sa_exc
-from sqlalchemy import select
 
 from regions.app import make_app
 from regions.bus import connect, declare_topology, publish_ingest
@@ -58,6 +56,12 @@ from scheduler.schedule import (
     scheduled_run_id,
     tick_id,
 )
+
+# "Is a run of (site, region) other than run_id still queued or running at
+# now?" -> (its id, its status), or None (also when the store cannot tell: a
+# job expires at the next tick anyway). Given by the caller (the CLI passes
+# storage.queries.open_run_checker), so the scheduler never imports storage.
+OpenRun = Callable[[str, str, str, datetime], tuple[str, str] | None]
 
 log = logging.getLogger("geoscrape.beat")
 
@@ -110,7 +114,7 @@ class Beat:
         broker_url: str,
         redis_client: redis.Redis,
         prefix: str,
-        database_url: str | None,
+        open_run: OpenRun | None,
         options: BeatOptions = BeatOptions(),
     ) -> None:
         self.watcher = ConfigWatcher(config_path)
@@ -120,8 +124,7 @@ class Beat:
         self.options = options
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.lease = Lease(redis_client, self.keys.lease, self.name, options.lease)
-        self.database_url = database_url
-        self._sessions: Any = None
+        self.open_run = open_run
         self._next_due: dict[tuple[str, str], datetime] = {}
         self._active = False
         self._last_attempt = 0.0
@@ -343,41 +346,9 @@ class Beat:
     def _blocking_run(
         self, site: str, region: str, run_id: str, now: datetime
     ) -> tuple[str, str] | None:
-        """(id, status) of a run of (site, region) still in progress, per the store.
-
-        Queued runs count until their job's deadline (after it, the job has
-        expired or is about to). The store is read, not trusted blindly: if it
-        is unreachable the tick is dispatched (a job expires at the next tick
-        anyway, so this cannot build a backlog).
-        """
-        if self.database_url is None:
-            return None
-        from storage.models import Run
-
-        try:
-            if self._sessions is None:
-                from storage.db import make_engine, session_factory
-
-                self._sessions = session_factory(make_engine(self.database_url))
-            with self._sessions() as session:
-                rows = session.execute(
-                    select(Run.id, Run.status, Run.job).where(
-                        Run.site == site,
-                        Run.region == region,
-                        Run.status.in_(("queued", "running")),
-                        Run.id != run_id,
-                    )
-                ).all()
-        except sa_exc.SQLAlchemyError as exc:
-            log.warning("overlap check skipped, store unavailable: %s", str(exc).splitlines()[0])
-            return None
-        for row_id, status, job in rows:
-            if status == "running":
-                return row_id, status
-            expires = (job or {}).get("expires_at")
-            if expires is None or datetime.fromisoformat(expires) > now:
-                return row_id, status
-        return None
+        """(id, status) of a run of (site, region) still in progress, or None
+        (no store given, or it cannot tell: then the tick is dispatched)."""
+        return None if self.open_run is None else self.open_run(site, region, run_id, now)
 
 
 def run_beat(
@@ -386,7 +357,7 @@ def run_beat(
     broker_url: str,
     redis_client: redis.Redis,
     prefix: str,
-    database_url: str | None,
+    open_run: OpenRun | None,
     options: BeatOptions,
     should_stop: Callable[[], bool],
 ) -> None:
@@ -395,6 +366,6 @@ def run_beat(
         broker_url=broker_url,
         redis_client=redis_client,
         prefix=prefix,
-        database_url=database_url,
+        open_run=open_run,
         options=options,
     ).run(should_stop)

@@ -29,8 +29,7 @@ from kombu import Consumer
 from kombu.message import Message
 from sqlalchemy.orm import Session
 
-from regions.app import CRAWL_TASK
-from regions.bus import DEAD_QUEUE
+from regions.bus import CRAWL_TASK, DEAD_QUEUE
 from regions.messages import (
     Job,
     MessageError,

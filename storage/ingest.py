@@ -47,7 +47,7 @@ from storage.deadletter import (
     parse_dead_letter,
 )
 from storage.migrate import ensure_schema
-from storage.reaper import Reaper, celery_publisher, lease_settings
+from storage.reaper import PublishJob, Reaper, lease_settings
 from storage.writer import apply_message, record_bad_message
 
 log = logging.getLogger("geoscrape.ingest")
@@ -356,12 +356,14 @@ def run_ingest(
     broker_url: str,
     db_url: str,
     *,
+    publish_job: PublishJob,
     should_stop: Callable[[], bool] | None = None,
     ready: threading.Event | None = None,
 ) -> None:
     """Bring the schema to head, then consume the ingest queue until should_stop().
 
-    Also runs the reaper (storage/reaper.py) over the runs' leases.
+    Also runs the reaper (storage/reaper.py) over the runs' leases; it
+    redelivers jobs through `publish_job` (regions.app.job_publisher).
     """
     lease, max_attempts = lease_settings()  # a bad setting fails before anything starts
     stopping = should_stop or (lambda: False)
@@ -380,7 +382,7 @@ def run_ingest(
             delay = min(delay * 2, 10.0)
     engine = make_engine(db_url)
     sessions = session_factory(engine)
-    reaper = Reaper(sessions, celery_publisher(broker_url), lease=lease, max_attempts=max_attempts)
+    reaper = Reaper(sessions, publish_job, lease=lease, max_attempts=max_attempts)
     try:
         with connect(broker_url) as connection:
             Ingest(connection, sessions, should_stop=should_stop, ready=ready, reaper=reaper).run()

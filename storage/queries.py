@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from storage.models import FetchRecord, Item, Run, Worker
+
+log = logging.getLogger("geoscrape.store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,3 +246,46 @@ def list_items_page(
         stmt = stmt.where(Item.region == region)
     stmt = stmt.order_by(Item.region, Item.key).limit(limit).offset(offset)
     return [ItemRow.of(i) for i in session.scalars(stmt)]
+
+
+def open_run(
+    session: Session, site: str, region: str, other_than: str, now: datetime
+) -> tuple[str, str] | None:
+    """(id, status) of a run of (site, region), not `other_than`, still in
+    progress at `now`: running, or queued before its job's deadline (after it,
+    the job has expired or is about to). The beat's `overlap: skip` asks this."""
+    rows = session.execute(
+        select(Run.id, Run.status, Run.job).where(
+            Run.site == site,
+            Run.region == region,
+            Run.status.in_(("queued", "running")),
+            Run.id != other_than,
+        )
+    ).all()
+    for row_id, status, job in rows:
+        if status == "running":
+            return row_id, status
+        expires = (job or {}).get("expires_at")
+        if expires is None or datetime.fromisoformat(expires) > now:
+            return row_id, status
+    return None
+
+
+def open_run_checker(
+    database_url: str,
+) -> Callable[[str, str, str, datetime], tuple[str, str] | None]:
+    """`open_run` on its own sessions, for the beat. An unreachable store answers
+    None (logged): the beat then dispatches, and the job expires at the next tick."""
+    from storage.db import make_engine, session_factory
+
+    sessions = session_factory(make_engine(database_url))
+
+    def check(site: str, region: str, other_than: str, now: datetime) -> tuple[str, str] | None:
+        try:
+            with sessions() as session:
+                return open_run(session, site, region, other_than, now)
+        except sa_exc.SQLAlchemyError as exc:
+            log.warning("overlap check skipped, store unavailable: %s", str(exc).splitlines()[0])
+            return None
+
+    return check

@@ -34,7 +34,6 @@ from typing import Any, Literal, cast
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from regions.app import make_app, send_job
 from regions.bus import scrape_queue
 from regions.messages import Job, utcnow
 from storage.deadletter import LEASE_REASON, DeadLetter, apply_dead_letter
@@ -73,17 +72,9 @@ def lease_settings() -> tuple[float, int]:
     return lease, int(_env_number(MAX_ATTEMPTS_ENV, DEFAULT_MAX_ATTEMPTS, integer=True))
 
 
+# Publishes a job to its region's queue as dispatch does; given by the caller
+# (regions.app.job_publisher), so storage never imports the Celery app.
 PublishJob = Callable[[Job], None]
-
-
-def celery_publisher(broker_url: str) -> PublishJob:
-    """Publish a job as dispatch does: the Celery crawl task, confirmed, to its region."""
-    app = make_app(broker_url)
-
-    def publish(job: Job) -> None:
-        send_job(app, job)
-
-    return publish
 
 
 @dataclass(frozen=True)

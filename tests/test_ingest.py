@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from kombu import Connection
 
+from regions.app import job_publisher
 from regions.bus import INGEST_EXCHANGE, INGEST_QUEUE, INGEST_ROUTING_KEY, connect, publish_ingest
 from regions.messages import (
     Fetch,
@@ -76,7 +77,13 @@ class IngestThread:
 
     def _run(self, broker_url: str, db_url: str) -> None:
         try:
-            run_ingest(broker_url, db_url, should_stop=self.stop.is_set, ready=self.ready)
+            run_ingest(
+                broker_url,
+                db_url,
+                publish_job=job_publisher(broker_url),
+                should_stop=self.stop.is_set,
+                ready=self.ready,
+            )
         except BaseException as exc:
             self.errors.append(exc)
             self.ready.set()
