@@ -87,8 +87,12 @@ def ack_delivery(task_id: str) -> None:
 
 def worker_app(region: str, url: str | None = None) -> Celery:
     """A Celery app whose only task crawls jobs of `region`."""
+    from scraper.code import CodeCache
+
     app = make_app(url, regions=[region], declare=False)
     name = worker_name(region)
+    # Deployed code bundles, fetched once from the central API (docs/PROJECTS.md).
+    code = CodeCache.from_env(region)
 
     # acks_late (app default) keeps the job unacked until the task acks it
     # itself at crawl start (ack_delivery); a wrong-region job can still be
@@ -121,7 +125,13 @@ def worker_app(region: str, url: str | None = None) -> Celery:
                 publish_ingest(conn, dump(message))
 
             task_id = str(self.request.id)
-            finished = run_job(job, publish, worker=name, on_started=lambda: ack_delivery(task_id))
+            finished = run_job(
+                job,
+                publish,
+                worker=name,
+                on_started=lambda: ack_delivery(task_id),
+                code=code.path,
+            )
         log.info(
             "run %s: %s, %d pages, %d items",
             job.run_id,

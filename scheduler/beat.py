@@ -122,6 +122,7 @@ class Beat:
         self.lease = Lease(redis_client, self.keys.lease, self.name, options.lease)
         self.database_url = database_url
         self._sessions: Any = None
+        self._pin_code: Any = None
         self._next_due: dict[tuple[str, str], datetime] = {}
         self._active = False
         self._last_attempt = 0.0
@@ -291,7 +292,14 @@ class Beat:
                 )
             else:
                 config = self.watcher.config
-                [job] = plan_jobs(config, site, [region], trigger=SCHEDULE_TRIGGER, tick=tid)
+                [job] = plan_jobs(
+                    config,
+                    site,
+                    [region],
+                    trigger=SCHEDULE_TRIGGER,
+                    tick=tid,
+                    pin_code=self._code_pinner(),
+                )
                 job = job.model_copy(update={"run_id": run_id, "expires_at": deadline})
                 send_jobs(self.app, self.conn, [job])
                 log.info(
@@ -308,6 +316,14 @@ class Beat:
             if self.redis.get(claim) == self.name:
                 self.redis.delete(claim)
             raise
+
+    def _code_pinner(self) -> Any:
+        """Pins deployed code bundles for `project: deployed:NAME` sites (needs the store)."""
+        if self._pin_code is None and self.database_url is not None:
+            from storage.code import code_pinner
+
+            self._pin_code = code_pinner(self.database_url)
+        return self._pin_code
 
     def _publish_skipped(
         self,

@@ -27,6 +27,7 @@ class RunRow:
     worker: str | None
     stats: dict[str, Any]
     error: str | None
+    code_version: str | None = None  # the deployed code bundle it ran (geoscrape deploy)
 
     @classmethod
     def of(cls, run: Run) -> RunRow:
@@ -43,6 +44,7 @@ class RunRow:
             worker=run.worker,
             stats=dict(run.stats),
             error=run.error,
+            code_version=run.code_version,
         )
 
 
