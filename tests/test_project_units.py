@@ -128,3 +128,24 @@ def test_guards_override_and_warn_keep_stricter_limits() -> None:
     assert len(warnings) == 2
     assert any("TELNETCONSOLE_ENABLED=True overridden" in w for w in warnings)
     assert any("REDIRECT_MAX_TIMES=50 overridden" in w for w in warnings)
+
+
+def test_dispatch_pins_the_newest_bundle_and_refuses_without_one(sqlite_url: str) -> None:
+    from scheduler.dispatch import DispatchError, plan_jobs
+    from storage.code import code_pinner, save_bundle
+    from storage.db import make_engine, session_factory
+    from storage.errors import NotFoundError
+
+    cfg = config(project="deployed:shopbot", spider="catalog")
+    with pytest.raises(DispatchError, match="needs the store"):
+        plan_jobs(cfg, "shop")
+    pin = code_pinner(sqlite_url)
+    with pytest.raises(NotFoundError, match="no code deployed as 'shopbot'"):
+        plan_jobs(cfg, "shop", pin_code=pin)
+    sessions = session_factory(make_engine(sqlite_url))
+    for content in (b"first", b"second"):
+        with sessions() as session:
+            save_bundle(session, "shopbot", sha256_hex(content), content)
+            session.commit()
+    [job] = plan_jobs(cfg, "shop", pin_code=pin)
+    assert job.code is not None and job.code.sha256 == sha256_hex(b"second")

@@ -24,7 +24,9 @@ import requests
 
 from geoscrape.testsite import Catalog, ShopServer, serve
 from regions.bus import connect, declare_topology
-from scraper.bundle import make_bundle
+from regions.messages import FINAL_STATUSES
+from scraper.bundle import make_bundle, sha256_hex
+from storage.migrate import ensure_schema
 from tests.harness import Stack, stack, wait_until
 
 pytestmark = pytest.mark.slow
@@ -56,7 +58,7 @@ def project_site(name: str, project: str, base: str) -> str:
 
 @pytest.fixture
 def shop() -> Iterator[ShopServer]:
-    with serve(catalog=Catalog(products=40)) as server:
+    with serve(catalog=Catalog(products=16)) as server:
         yield server
 
 
@@ -74,19 +76,23 @@ def project(tmp_path: Path) -> Path:
     return copy
 
 
-def scrapy_crawl(project: Path, base: str, out: Path) -> list[dict[str, Any]]:
+def start_scrapy_crawl(project: Path, base: str, out: Path) -> subprocess.Popen[str]:
     """A plain `scrapy crawl` of the project, run in its directory as a user would."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCRAPY_")}
     args = ["crawl", "catalog", "-a", f"base_url={base}", "-O", f"{out}:jsonlines"]
-    done = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "scrapy", *args, "-s", "LOG_LEVEL=WARNING"],
         cwd=project,
         env=env,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=180,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def scrapy_crawl_output(proc: subprocess.Popen[str], out: Path) -> list[dict[str, Any]]:
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr[-3000:]
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
@@ -113,6 +119,24 @@ def crawl(s: Stack, site: str) -> Any:
     return run
 
 
+def dispatch(s: Stack, site: str) -> Any:
+    """`crawl` in-process (as the CLI does, minus a Python start): wait for the run's end."""
+    from scheduler.dispatch import plan_jobs, publish_jobs
+    from scheduler.loader import load_config
+    from storage.code import code_pinner
+    from storage.queries import get_runs
+
+    [job] = plan_jobs(load_config(s.config), site, pin_code=code_pinner(s.db_url))
+    publish_jobs([job], s.broker_url)
+
+    def finished() -> Any:
+        with s.sessions()() as session:
+            runs = get_runs(session, [job.run_id])
+        return runs[0] if runs and runs[0].status in FINAL_STATUSES else None
+
+    return wait_until(finished, timeout=150, what=f"run {job.run_id} to finish")
+
+
 def by_sku(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {row["sku"]: row for row in rows}
 
@@ -120,13 +144,8 @@ def by_sku(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def test_project_through_worker_and_ingest_stores_what_scrapy_crawl_produces(
     tmp_path: Path, vhost_url: str, sqlite_url: str, shop: ShopServer, project: Path
 ) -> None:
-    plain = scrapy_crawl(project, shop.url, tmp_path / "plain.jsonl")
-    products = shop.catalog.expected_items()
-    garden = [p for p in shop.catalog.products if p.category == DROPPED_CATEGORY]
-    assert len(plain) == len(products) - len(garden) > 0
-    assert all(item["price_band"] in ("v1:low", "v1:high") for item in plain)
-    assert {item["tag"] for item in plain} == {"from-custom-settings"}
-
+    out = tmp_path / "plain.jsonl"
+    plain_crawl = start_scrapy_crawl(project, shop.url, out)  # runs while the stack starts
     config = HEADER + project_site("shopbot", str(project), shop.url)
     with stack(tmp_path, vhost_url, sqlite_url, config) as s:
         checked = s.cli("check", str(s.config))
@@ -134,11 +153,18 @@ def test_project_through_worker_and_ingest_stores_what_scrapy_crawl_produces(
         assert "TELNETCONSOLE_ENABLED=True overridden" in checked.stderr
         assert "DOWNLOAD_TIMEOUT=600 overridden" in checked.stderr
 
-        assert s.cli("db", "upgrade").returncode == 0
+        ensure_schema(sqlite_url)
         s.ingest()
         s.worker("eu")
         run = crawl(s, "shopbot")
         assert run.status == "succeeded", run.error
+
+        plain = scrapy_crawl_output(plain_crawl, out)
+        products = shop.catalog.expected_items()
+        garden = [p for p in shop.catalog.products if p.category == DROPPED_CATEGORY]
+        assert len(plain) == len(products) - len(garden) > 0
+        assert all(item["price_band"] in ("v1:low", "v1:high") for item in plain)
+        assert {item["tag"] for item in plain} == {"from-custom-settings"}
         # The same items, field for field, the pipeline's fields included.
         items = stored(s, "shopbot")
         assert len(items) == len(plain)
@@ -161,6 +187,17 @@ def deploy(s: Stack, project: Path) -> str:
     done = s.cli("deploy", str(project), "--name", "shopbot")
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout.split("sha256 ")[1].split(")")[0]
+
+
+def deploy_in_process(s: Stack, project: Path) -> str:
+    """What `geoscrape deploy` does, without a Python start (the CLI is tested once above)."""
+    from storage.code import save_bundle
+
+    data = make_bundle(project)
+    with s.sessions()() as session:
+        ref = save_bundle(session, "shopbot", sha256_hex(data), data)
+        session.commit()
+    return ref.sha256
 
 
 def set_pipeline_version(project: Path, version: int) -> None:
@@ -190,7 +227,7 @@ def test_deploy_reaches_a_running_worker_and_a_tampered_bundle_never_runs(
     with stack(tmp_path, vhost_url, sqlite_url, config) as s:
         with connect(vhost_url) as conn:  # as central components do, so the worker gets ready
             declare_topology(conn, {"eu"})
-        assert s.cli("db", "upgrade").returncode == 0
+        ensure_schema(sqlite_url)
         s.ingest()
         worker = s.worker("eu")
         s.start("api", "api", "--port", str(port))
@@ -198,12 +235,8 @@ def test_deploy_reaches_a_running_worker_and_a_tampered_bundle_never_runs(
         wait_until(lambda: _healthy(api), timeout=60, what="the API")
         wait_until(lambda: " ready." in s.log("worker-eu"), timeout=90, what="the worker")
 
-        # Nothing deployed yet: dispatch says so, exit 2, nothing queued.
-        refused = s.cli("crawl", "shopbot")
-        assert refused.returncode == 2 and "no code deployed as 'shopbot'" in refused.stderr
-
         first = deploy(s, project)
-        run1 = crawl(s, "shopbot")
+        run1 = dispatch(s, "shopbot")
         assert run1.status == "succeeded", run1.error
         assert run1.code_version == f"shopbot@{first[:12]}"
         assert {i["price_band"][:3] for i in stored(s, "shopbot")} == {"v1:"}
@@ -211,9 +244,9 @@ def test_deploy_reaches_a_running_worker_and_a_tampered_bundle_never_runs(
 
         # A changed pipeline, deployed: the next run uses it, same worker process.
         set_pipeline_version(project, 2)
-        second = deploy(s, project)
+        second = deploy_in_process(s, project)
         assert second != first
-        run2 = crawl(s, "shopbot")
+        run2 = dispatch(s, "shopbot")
         assert run2.status == "succeeded", run2.error
         assert run2.code_version == f"shopbot@{second[:12]}"
         assert {i["price_band"][:3] for i in stored(s, "shopbot")} == {"v2:"}
@@ -226,11 +259,11 @@ def test_deploy_reaches_a_running_worker_and_a_tampered_bundle_never_runs(
 
         # A bundle altered in the store after deploy: refused, the run fails, nothing runs.
         set_pipeline_version(project, 3)
-        third = deploy(s, project)
+        third = deploy_in_process(s, project)
         set_pipeline_version(project, 6)
         _tamper(s, third, make_bundle(project))
         shop.clear_log()
-        run3 = crawl(s, "shopbot")
+        run3 = dispatch(s, "shopbot")
         assert run3.status == "failed"
         assert run3.error is not None and "refused" in run3.error and third in run3.error
         assert run3.stats["pages"] == 0 and run3.stats["items"] == 0
