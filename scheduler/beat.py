@@ -46,8 +46,8 @@ from sqlalchemy import select
 
 from regions.app import make_app
 from regions.bus import connect, declare_topology, publish_ingest
-from regions.messages import RunFinished, RunQueued, RunStats, dump, utcnow
-from scheduler.dispatch import plan_jobs, send_jobs
+from regions.messages import CodeRef, RunFinished, RunQueued, RunStats, dump, utcnow
+from scheduler.dispatch import DispatchError, plan_jobs, send_jobs
 from scheduler.ha import Lease
 from scheduler.reload import ConfigWatcher
 from scheduler.schedule import (
@@ -122,7 +122,7 @@ class Beat:
         self.lease = Lease(redis_client, self.keys.lease, self.name, options.lease)
         self.database_url = database_url
         self._sessions: Any = None
-        self._pin_code: Any = None
+        self._pinner: Any = None
         self._next_due: dict[tuple[str, str], datetime] = {}
         self._active = False
         self._last_attempt = 0.0
@@ -292,14 +292,20 @@ class Beat:
                 )
             else:
                 config = self.watcher.config
-                [job] = plan_jobs(
-                    config,
-                    site,
-                    [region],
-                    trigger=SCHEDULE_TRIGGER,
-                    tick=tid,
-                    pin_code=self._code_pinner(),
-                )
+                try:
+                    [job] = plan_jobs(
+                        config,
+                        site,
+                        [region],
+                        trigger=SCHEDULE_TRIGGER,
+                        tick=tid,
+                        pin_code=self._pin_code,
+                    )
+                except DispatchError as exc:  # e.g. no code deployed yet: this tick is lost
+                    log.error(
+                        "tick site=%s region=%s tick=%s not dispatched: %s", site, region, tid, exc
+                    )
+                    return
                 job = job.model_copy(update={"run_id": run_id, "expires_at": deadline})
                 send_jobs(self.app, self.conn, [job])
                 log.info(
@@ -317,13 +323,19 @@ class Beat:
                 self.redis.delete(claim)
             raise
 
-    def _code_pinner(self) -> Any:
-        """Pins deployed code bundles for `project: deployed:NAME` sites (needs the store)."""
-        if self._pin_code is None and self.database_url is not None:
+    def _pin_code(self, name: str) -> CodeRef:
+        """The newest bundle of NAME, for `project: deployed:NAME` sites (needs the store).
+
+        storage is imported on the first such site only: other ticks stay fast.
+        """
+        if self.database_url is None:
+            raise DispatchError("deployed code needs the store (GEOSCRAPE_DATABASE_URL)")
+        if self._pinner is None:
             from storage.code import code_pinner
 
-            self._pin_code = code_pinner(self.database_url)
-        return self._pin_code
+            self._pinner = code_pinner(self.database_url)
+        pinned: CodeRef = self._pinner(name)
+        return pinned
 
     def _publish_skipped(
         self,

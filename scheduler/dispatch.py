@@ -50,7 +50,10 @@ def plan_jobs(
                 f"site {site_name!r} runs deployed code: dispatching it needs the store "
                 "(GEOSCRAPE_DATABASE_URL) to pin the bundle"
             )
-        code = pin_code(resolved.project.removeprefix(DEPLOYED_PREFIX))
+        try:
+            code = pin_code(resolved.project.removeprefix(DEPLOYED_PREFIX))
+        except Exception as exc:  # no such bundle, or the store is unreachable
+            raise DispatchError(f"site {site_name!r}: {exc}") from exc
     snapshot = resolved.model_dump(mode="json")
     now = utcnow()
     return [

@@ -134,13 +134,12 @@ def test_dispatch_pins_the_newest_bundle_and_refuses_without_one(sqlite_url: str
     from scheduler.dispatch import DispatchError, plan_jobs
     from storage.code import code_pinner, save_bundle
     from storage.db import make_engine, session_factory
-    from storage.errors import NotFoundError
 
     cfg = config(project="deployed:shopbot", spider="catalog")
     with pytest.raises(DispatchError, match="needs the store"):
         plan_jobs(cfg, "shop")
     pin = code_pinner(sqlite_url)
-    with pytest.raises(NotFoundError, match="no code deployed as 'shopbot'"):
+    with pytest.raises(DispatchError, match="no code deployed as 'shopbot'"):
         plan_jobs(cfg, "shop", pin_code=pin)
     sessions = session_factory(make_engine(sqlite_url))
     for content in (b"first", b"second"):

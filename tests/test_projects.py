@@ -250,7 +250,7 @@ def test_deploy_reaches_a_running_worker_and_a_tampered_bundle_never_runs(
         assert run2.status == "succeeded", run2.error
         assert run2.code_version == f"shopbot@{second[:12]}"
         assert {i["price_band"][:3] for i in stored(s, "shopbot")} == {"v2:"}
-        assert worker.poll() is None
+        assert worker.poll() is None and run2.worker == run1.worker  # never restarted
 
         # The code endpoint wants the region's token.
         assert requests.get(f"{api}/code/{second}", timeout=10).status_code == 401
