@@ -41,7 +41,7 @@ from regions.messages import (
     utcnow,
 )
 from scraper.batching import Batcher
-from scraper.code import CODE_PATH_ENV, CodeError
+from scraper.code import CODE_PATH_ENV, CODE_TOKEN_ENV, CodeError
 from scraper.protocol import Done, ProtocolError, StatsTracker, decode_event
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def _child_env(code_path: str | None = None) -> dict[str, str]:
     """The environment of the child: ours, plus this checkout on PYTHONPATH."""
     env = dict(os.environ)
     env.pop(CODE_PATH_ENV, None)
+    env.pop(CODE_TOKEN_ENV, None)  # the crawl (user code) has no use for the code token
     if code_path is not None:
         env[CODE_PATH_ENV] = code_path
     root = os.path.dirname(os.path.dirname(os.path.abspath(scraper.__file__)))

@@ -148,3 +148,24 @@ def test_dispatch_pins_the_newest_bundle_and_refuses_without_one(sqlite_url: str
             session.commit()
     [job] = plan_jobs(cfg, "shop", pin_code=pin)
     assert job.code is not None and job.code.sha256 == sha256_hex(b"second")
+
+
+def test_deploy_bad_input_is_one_line_and_exit_2(tmp_path: Path, sqlite_url: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GEOSCRAPE_DATABASE_URL": sqlite_url}
+    for target, message in (
+        (tmp_path / "missing", "no such directory"),
+        (tmp_path, "not a Scrapy project (no scrapy.cfg)"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "geoscrape.cli", "deploy", str(target)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
