@@ -133,7 +133,9 @@ def settings_module_of(project: str) -> tuple[str, Path | None]:
     """
     path = Path(project)
     if project.startswith(DEPLOYED_PREFIX):
-        raise ProjectError(f"project {project!r}: a deployed bundle runs only in a worker")
+        raise ProjectError(
+            f"project {project!r}: no code bundle here (a worker runs the one its job pins)"
+        )
     if path.is_dir():
         cfg = path / SCRAPY_CFG
         if not cfg.is_file():
