@@ -169,3 +169,28 @@ def test_deploy_bad_input_is_one_line_and_exit_2(tmp_path: Path, sqlite_url: str
         )
         assert done.returncode == 2, done.stderr
         assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_job_pinning_code_the_worker_cannot_get_fails_before_any_crawl(tmp_path: Path) -> None:
+    from pydantic import BaseModel
+
+    from regions.messages import CodeRef, Job, RunFinished, RunStarted
+    from scraper.code import CodeCache
+    from scraper.runner import run_job
+
+    site = config(project="deployed:shopbot", spider="catalog").resolved_site("shop")
+    job = Job(
+        run_id="r1",
+        site="shop",
+        region="eu",
+        config=site.model_dump(mode="json"),
+        code=CodeRef(name="shopbot", sha256="0" * 64),
+    )
+    messages: list[BaseModel] = []
+    finished = run_job(job, messages.append, worker="w")
+    assert finished.status == "failed" and "no code source here" in (finished.error or "")
+    no_url = CodeCache(tmp_path / "cache", None, None, "eu")
+    finished = run_job(job, messages.append, worker="w", code=no_url.path)
+    assert "GEOSCRAPE_CODE_URL is not set" in (finished.error or "")
+    assert [type(m) for m in messages] == [RunStarted, RunFinished] * 2
+    assert not (tmp_path / "cache").exists()
