@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -39,7 +40,59 @@ def check(file: Annotated[Path, typer.Argument(help="The sites file to validate.
     code, text = run_check(file)
     # Plain print: one problem per line, never re-wrapped (editors jump to FILE:LINE).
     print(text, file=sys.stdout if code == 0 else sys.stderr)
+    if code == 0:
+        for warning in _project_warnings(file):
+            print(f"warning: {warning}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def _project_warnings(file: Path) -> list[str]:
+    """The Scrapy project settings geoscrape overrides, per site with a local `project`."""
+    from scheduler.config import DEPLOYED_PREFIX
+    from scheduler.loader import load_config
+
+    config = load_config(file)
+    sites = [s for s in config.sites if s.project and not s.project.startswith(DEPLOYED_PREFIX)]
+    if not sites:
+        return []
+    from scraper.project import override_warnings
+
+    warnings = []
+    for site in sites:
+        try:
+            found = override_warnings(config.resolved_site(site.name))
+        except ScraperError as exc:  # a worker may have what this machine lacks
+            found = [f"cannot load its project here ({exc}); it is loaded at run time"]
+        warnings += [f"site {site.name!r}: {text}" for text in found]
+    return warnings
+
+
+@app.command()
+def deploy(
+    project_dir: Annotated[
+        Path, typer.Argument(help="A Scrapy project: the directory holding its scrapy.cfg.")
+    ],
+    name: Annotated[
+        str | None,
+        typer.Option("--name", "-n", help="Bundle name (default: scrapy.cfg's project)."),
+    ] = None,
+) -> None:
+    """Ship a Scrapy project to every region: sites run it as `project: deployed:NAME`."""
+    from scraper.bundle import BundleError, check_name, make_bundle, project_name, sha256_hex
+    from storage.code import save_bundle
+
+    if not project_dir.is_dir():
+        raise BundleError(f"{project_dir}: no such directory")
+    bundle = check_name(name or project_name(project_dir))
+    data = make_bundle(project_dir)
+    with sessions()() as session:
+        ref = save_bundle(session, bundle, sha256_hex(data), data)
+        session.commit()
+    out.print(
+        f"deployed {ref.version} ({len(data)} bytes, sha256 {ref.sha256}); "
+        f"next runs of sites with 'project: deployed:{bundle}' use it",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -52,12 +105,15 @@ def worker(
     from regions.bus import check_broker
     from regions.worker import check_region, run_worker
     from scheduler.loader import load_config
+    from scraper.code import CodeCache
     from scraper.runner import run_job
 
     check_region(region, list(load_config(config).regions))
     check_broker()
+    # Deployed code bundles, fetched once from the central API (docs/PROJECTS.md).
+    code = CodeCache.from_env(region)
     # The crawl runner is handed down: regions sits below scraper and never imports it.
-    run_worker(region, run_job, concurrency=concurrency)
+    run_worker(region, functools.partial(run_job, code=code.path), concurrency=concurrency)
 
 
 @app.command()
@@ -95,8 +151,10 @@ def crawl(
     from regions.bus import check_broker
     from scheduler.dispatch import plan_jobs, publish_jobs
     from scheduler.loader import load_config
+    from storage.code import code_pinner
 
-    jobs = plan_jobs(load_config(config), site, region)
+    # The store is opened only for a site that runs deployed code.
+    jobs = plan_jobs(load_config(config), site, region, pin_code=code_pinner(database_url()))
     check_broker()
     publish_jobs(jobs)
     for job in jobs:

@@ -42,6 +42,7 @@ def register(app: typer.Typer) -> None:
         from regions.bus import broker_url, check_broker
         from scheduler.beat import BeatOptions, run_beat
         from scheduler.redis import connect_redis, redis_prefix
+        from storage.code import code_pinner
         from storage.db import database_url
         from storage.queries import open_run_checker
 
@@ -61,6 +62,7 @@ def register(app: typer.Typer) -> None:
             redis_client=client,
             prefix=redis_prefix(),
             open_run=open_run_checker(database_url()),
+            pin_code=code_pinner(database_url()),
             options=BeatOptions(lease=lease, reload_interval=reload_interval, window=replay_window),
             should_stop=stopping.is_set,
         )

@@ -46,8 +46,8 @@ def print_runs(console: Console, runs: Sequence[RunRow]) -> None:
         console.print("no runs")
         return
     table = Table("run", "site", "region", "trigger", "status", "queued", "took")
-    for name in ("pages", "items", "errors", "error"):
-        table.add_column(name, justify="right" if name != "error" else "left")
+    for name in ("pages", "items", "errors", "code", "error"):
+        table.add_column(name, justify="left" if name in ("code", "error") else "right")
     for run in runs:
         stats = run.stats or {}
         style = STATUS_STYLE.get(run.status, "")
@@ -62,6 +62,7 @@ def print_runs(console: Console, runs: Sequence[RunRow]) -> None:
             str(stats.get("pages", 0)),
             str(stats.get("items", 0)),
             str(stats.get("errors", 0)),
+            run.code_version or "",
             (run.error or "")[:60],
         )
     console.print(table)

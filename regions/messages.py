@@ -38,6 +38,19 @@ class _Message(BaseModel):
     v: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
 
 
+class CodeRef(BaseModel):
+    """A deployed code bundle (`geoscrape deploy`), pinned by its content hash."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @property
+    def version(self) -> str:
+        """How runs show it: name@first 12 hex digits of the hash."""
+        return f"{self.name}@{self.sha256[:12]}"
+
+
 class Job(_Message):
     """One crawl of one site from one region: the body of a scrape task."""
 
@@ -57,6 +70,8 @@ class Job(_Message):
     # Which delivery of this run this is: 1 at dispatch, +1 each time ingest's
     # reaper redelivers it after its lease lapsed (storage/reaper.py).
     attempt: int = Field(1, ge=1, le=1_000_000)
+    # The exact code bundle a `project: deployed:NAME` site runs, pinned at dispatch.
+    code: CodeRef | None = None
 
 
 class ScrapedItem(BaseModel):
@@ -85,6 +100,7 @@ class RunQueued(_Message):
     queued_at: AwareDatetime
     # The Job body as published, kept centrally so a lost job can be redelivered.
     job: dict[str, Any] | None = None
+    code: CodeRef | None = None  # the job's pinned code bundle, recorded on the run
 
     @classmethod
     def for_job(cls, job: Job) -> RunQueued:
@@ -97,6 +113,7 @@ class RunQueued(_Message):
             tick=job.tick,
             queued_at=job.dispatched_at,
             job=dump(job),
+            code=job.code,
         )
 
 
@@ -130,6 +147,7 @@ class RunStats(BaseModel):
     duration: float = Field(0.0, ge=0)
     status_codes: dict[str, int] = {}
     peak_rss: Count = 0  # the crawl process's peak resident memory, bytes (0: unknown)
+    dropped: Count = 0  # items a Scrapy project's pipeline dropped (DropItem)
 
 
 class RunProgress(_Message):

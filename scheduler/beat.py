@@ -44,8 +44,8 @@ from kombu import Connection
 
 from regions.app import make_app
 from regions.bus import connect, declare_topology, publish_ingest
-from regions.messages import RunFinished, RunQueued, RunStats, dump, utcnow
-from scheduler.dispatch import plan_jobs, send_jobs
+from regions.messages import CodeRef, RunFinished, RunQueued, RunStats, dump, utcnow
+from scheduler.dispatch import DispatchError, plan_jobs, send_jobs
 from scheduler.ha import Lease
 from scheduler.reload import ConfigWatcher
 from scheduler.schedule import (
@@ -115,6 +115,7 @@ class Beat:
         redis_client: redis.Redis,
         prefix: str,
         open_run: OpenRun | None,
+        pin_code: Callable[[str], CodeRef] | None = None,
         options: BeatOptions = BeatOptions(),
     ) -> None:
         self.watcher = ConfigWatcher(config_path)
@@ -125,6 +126,7 @@ class Beat:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.lease = Lease(redis_client, self.keys.lease, self.name, options.lease)
         self.open_run = open_run
+        self.pin_code = pin_code
         self._next_due: dict[tuple[str, str], datetime] = {}
         self._active = False
         self._last_attempt = 0.0
@@ -294,7 +296,20 @@ class Beat:
                 )
             else:
                 config = self.watcher.config
-                [job] = plan_jobs(config, site, [region], trigger=SCHEDULE_TRIGGER, tick=tid)
+                try:
+                    [job] = plan_jobs(
+                        config,
+                        site,
+                        [region],
+                        trigger=SCHEDULE_TRIGGER,
+                        tick=tid,
+                        pin_code=self._pin_code,
+                    )
+                except DispatchError as exc:  # e.g. no code deployed yet: this tick is lost
+                    log.error(
+                        "tick site=%s region=%s tick=%s not dispatched: %s", site, region, tid, exc
+                    )
+                    return
                 job = job.model_copy(update={"run_id": run_id, "expires_at": deadline})
                 send_jobs(self.app, self.conn, [job])
                 log.info(
@@ -311,6 +326,13 @@ class Beat:
             if self.redis.get(claim) == self.name:
                 self.redis.delete(claim)
             raise
+
+    def _pin_code(self, name: str) -> CodeRef:
+        """The newest bundle of NAME, for `project: deployed:NAME` sites: asks the
+        injected `pin_code` (storage.code.code_pinner), which needs the store."""
+        if self.pin_code is None:
+            raise DispatchError("deployed code needs the store (GEOSCRAPE_DATABASE_URL)")
+        return self.pin_code(name)
 
     def _publish_skipped(
         self,
@@ -358,6 +380,7 @@ def run_beat(
     redis_client: redis.Redis,
     prefix: str,
     open_run: OpenRun | None,
+    pin_code: Callable[[str], CodeRef] | None,
     options: BeatOptions,
     should_stop: Callable[[], bool],
 ) -> None:
@@ -367,5 +390,6 @@ def run_beat(
         redis_client=redis_client,
         prefix=prefix,
         open_run=open_run,
+        pin_code=pin_code,
         options=options,
     ).run(should_stop)

@@ -28,6 +28,8 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]  # seconds
 Size = Annotated[int, BeforeValidator(parse_size)]  # bytes
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+DEPLOYED_PREFIX = "deployed:"  # project: "deployed:NAME", a bundle from `geoscrape deploy`
+SpiderArgs = dict[str, str | int | float | bool]
 DUPLICATE_SITE_ERROR = "duplicate_site_name"  # pydantic error type of a repeated site name
 
 
@@ -194,14 +196,17 @@ class ExtractField(_Model):
 class Extract(_Model):
     pages: Regexes = []  # extract only from pages whose URL matches one (default: all)
     items: str | None = None  # CSS selector: one item per matched node
-    key: str | None = None  # field that identifies an item across runs and regions
-    fields: dict[str, ExtractField]
+    # Field that identifies an item across runs and regions (for a spider's
+    # items: a key of the item; without it, a stable hash of the item).
+    key: str | None = None
+    # How pages are parsed: html (always, whatever the document claims: XHTML
+    # with an XML declaration is still HTML) or xml (feeds, sitemaps).
+    parser: Literal["html", "xml"] = "html"
+    fields: dict[str, ExtractField] = {}  # required unless the site runs a spider
 
     @model_validator(mode="after")
     def _key_is_a_field(self) -> Extract:
-        if not self.fields:
-            raise ValueError("'fields' must name at least one field")
-        if self.key is not None and self.key not in self.fields:
+        if self.fields and self.key is not None and self.key not in self.fields:
             raise ValueError(f"key {self.key!r} is not one of the fields")
         return self
 
@@ -221,7 +226,9 @@ class Site(_Model):
     start_urls: list[str] = []
     regions: list[str] = Field(min_length=1)
     engine: Literal["scrapy", "requests"] = "scrapy"
-    spider: str | None = None  # "package.module:SpiderClass", an existing Scrapy spider
+    # An existing Scrapy spider: "package.module:SpiderClass" (or a dotted
+    # path), or with `project` also a spider name of that project.
+    spider: str | None = None
     schedule: Schedule | None = None
     follow: Follow | None = None
     extract: Extract | None = None
@@ -229,16 +236,31 @@ class Site(_Model):
     limits: LimitsOverride = LimitsOverride()
     allow_hosts: AllowHosts = []  # added to defaults.allow_hosts
     allow_networks: AllowNetworks = []  # added to defaults.allow_networks
+    # A Scrapy project run with its own settings (docs/PROJECTS.md): a
+    # directory with scrapy.cfg, a settings module, or "deployed:NAME".
+    project: str | None = None
+    spider_args: SpiderArgs = {}  # passed to the spider, as `scrapy crawl -a`
 
     @model_validator(mode="after")
     def _runnable(self) -> Site:
         if self.spider is None:
             if not self.start_urls:
                 raise ValueError("'start_urls' is required unless 'spider' is given")
-            if self.extract is None:
-                raise ValueError("'extract' is required unless 'spider' is given")
-        elif ":" not in self.spider:
-            raise ValueError("'spider' must look like 'package.module:SpiderClass'")
+            if self.extract is None or not self.extract.fields:
+                raise ValueError("'extract' with 'fields' is required unless 'spider' is given")
+            if self.project is not None or self.spider_args:
+                raise ValueError("'project' and 'spider_args' need a 'spider'")
+        elif self.project is None and ":" not in self.spider and "." not in self.spider:
+            raise ValueError(
+                "'spider' must look like 'package.module:SpiderClass' "
+                "(a bare spider name needs 'project')"
+            )
+        if self.project is not None:
+            _check_project(self.project)
+            if self.politeness != PolitenessOverride():
+                raise ValueError(
+                    "a 'project' site is polite as its settings.py says; drop 'politeness'"
+                )
         if self.engine == "requests" and self.follow is not None:
             raise ValueError("engine 'requests' fetches the listed URLs only; drop 'follow'")
         return self
@@ -250,6 +272,14 @@ class Site(_Model):
         if len(set(regions)) != len(regions):
             raise ValueError("'regions' lists a region twice")
         return regions
+
+
+def _check_project(project: str) -> None:
+    if project.startswith(DEPLOYED_PREFIX):
+        if not re.match(NAME_PATTERN, project.removeprefix(DEPLOYED_PREFIX)):
+            raise ValueError(f"'project': bundle name in {project!r} must match {NAME_PATTERN}")
+    elif not project.strip():
+        raise ValueError("'project' must not be empty")
 
 
 class ResolvedSite(_Model):
@@ -266,6 +296,9 @@ class ResolvedSite(_Model):
     # Defaults for jobs dispatched before the SSRF guard existed.
     allow_hosts: list[str] = []
     allow_networks: list[str] = []
+    # Defaults for jobs dispatched before Scrapy projects were supported.
+    project: str | None = None
+    spider_args: SpiderArgs = {}
 
 
 def _check_region_name(name: str) -> str:
@@ -329,6 +362,8 @@ class Config(_Model):
             limits=limits,
             allow_hosts=_union(self.defaults.allow_hosts, site.allow_hosts),
             allow_networks=_union(self.defaults.allow_networks, site.allow_networks),
+            project=site.project,
+            spider_args=site.spider_args,
         )
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from celery import Celery
 from kombu import Connection
 
 from regions.app import make_app, send_job
 from regions.bus import connect, declare_topology, publish_ingest
-from regions.messages import Job, RunQueued, dump, utcnow
-from scheduler.config import Config
+from regions.messages import CodeRef, Job, RunQueued, dump, utcnow
+from scheduler.config import DEPLOYED_PREFIX, Config
 from scheduler.errors import SchedulerError
 
 
@@ -26,8 +26,13 @@ def plan_jobs(
     *,
     trigger: str = "manual",
     tick: str | None = None,
+    pin_code: Callable[[str], CodeRef] | None = None,
 ) -> list[Job]:
-    """The jobs a dispatch would publish: one per region, each with a fresh run id."""
+    """The jobs a dispatch would publish: one per region, each with a fresh run id.
+
+    A `project: deployed:NAME` site's jobs pin the newest bundle of NAME, as
+    `pin_code` (the store's storage.code.latest_bundle) names it.
+    """
     try:
         site = config.site(site_name)
     except KeyError as exc:
@@ -37,7 +42,19 @@ def plan_jobs(
         if region not in config.regions:
             declared = ", ".join(config.regions)
             raise DispatchError(f"region {region!r} is not declared (declared: {declared})")
-    snapshot = config.resolved_site(site_name).model_dump(mode="json")
+    resolved = config.resolved_site(site_name)
+    code: CodeRef | None = None
+    if resolved.project is not None and resolved.project.startswith(DEPLOYED_PREFIX):
+        if pin_code is None:
+            raise DispatchError(
+                f"site {site_name!r} runs deployed code: dispatching it needs the store "
+                "(GEOSCRAPE_DATABASE_URL) to pin the bundle"
+            )
+        try:
+            code = pin_code(resolved.project.removeprefix(DEPLOYED_PREFIX))
+        except Exception as exc:  # no such bundle, or the store is unreachable
+            raise DispatchError(f"site {site_name!r}: {exc}") from exc
+    snapshot = resolved.model_dump(mode="json")
     now = utcnow()
     return [
         Job(
@@ -48,6 +65,7 @@ def plan_jobs(
             tick=tick,
             dispatched_at=now,
             config=snapshot,
+            code=code,
         )
         for region in chosen
     ]

@@ -17,6 +17,7 @@ from typing import IO
 
 from regions.messages import Job
 from scheduler.config import ResolvedSite
+from scraper.code import CODE_PATH_ENV
 from scraper.errors import ScraperError
 from scraper.protocol import Recorder
 
@@ -37,16 +38,29 @@ def crash_summary(exc: BaseException) -> str:
     return text[:500]
 
 
+def code_path(job: Job) -> str | None:
+    """The unpacked bundle the worker fetched for a job that pins one (scraper.code)."""
+    if job.code is None:
+        return None
+    path = os.environ.get(CODE_PATH_ENV)
+    if not path:
+        raise ScraperError(f"job pins code bundle {job.code.version} but the worker gave none")
+    return path
+
+
 def run_job(job: Job, recorder: Recorder) -> None:
     """Run the job's engine and write the final "done" event."""
     try:
         site = ResolvedSite.model_validate(job.config)
         log.info("run %s: site %s, engine %s", job.run_id, site.name, site.engine)
         if site.engine == "requests" and site.spider is None:
-            from scraper import requests_engine as engine
+            from scraper import requests_engine
+
+            note = requests_engine.run(site, recorder)
         else:
-            from scraper import scrapy_engine as engine  # type: ignore[no-redef]
-        note = engine.run(site, recorder)
+            from scraper import scrapy_engine
+
+            note = scrapy_engine.run(site, recorder, project=code_path(job))
         status, error = recorder.outcome(note=note)
     except Exception as exc:
         log.exception("run %s crashed", job.run_id)

@@ -1,6 +1,10 @@
 """Extraction: a site's `extract` spec applied to one parsed page. Pure, no I/O.
 
-    items, problems = extract_items(parsel.Selector(text=html), url, spec)
+    items, problems = extract_items(page_selector(html, spec.parser), url, spec)
+
+- Pages are parsed as `spec.parser` says (html by default), never by parsel's
+  guess: an XHTML page starting with `<?xml ...?>` would otherwise be parsed as
+  XML, and CSS selectors find nothing in the XHTML namespace.
 
 - `spec.pages`: when non-empty, only pages whose URL matches one of the regexes
   (re.search) yield items.
@@ -28,7 +32,14 @@ import parsel
 from regions.messages import ScrapedItem
 from scheduler.config import Extract, ExtractField
 
-__all__ = ["extract_items", "extract_value", "parse_int", "parse_number", "parse_price"]
+__all__ = [
+    "extract_items",
+    "extract_value",
+    "page_selector",
+    "parse_int",
+    "parse_number",
+    "parse_price",
+]
 
 # A number with optional thousands groups ("1 234", "1'234") and separators.
 _NUMBER_RE = re.compile(
@@ -102,6 +113,11 @@ def _convert(raw: str, field_type: str) -> Any:
     if field_type == "float":
         return parse_number(raw)
     return parse_price(raw)
+
+
+def page_selector(text: str, parser: str = "html") -> parsel.Selector:
+    """A page's text parsed as `parser` ("html" or "xml"), never guessed."""
+    return parsel.Selector(text=text, type=parser)
 
 
 def extract_value(node: parsel.Selector, field: ExtractField) -> str | None:

@@ -91,6 +91,7 @@ class StatsTracker:
     items: int = 0
     errors: int = 0
     bytes: int = 0
+    dropped: int = 0
     status_codes: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
@@ -109,6 +110,9 @@ class StatsTracker:
     def add_error(self) -> None:
         self.errors += 1
 
+    def add_dropped(self) -> None:
+        self.dropped += 1
+
     def snapshot(self) -> RunStats:
         return RunStats(
             pages=self.pages,
@@ -117,6 +121,7 @@ class StatsTracker:
             bytes=self.bytes,
             duration=round(time.monotonic() - self.started, 3),
             status_codes=dict(sorted(self.status_codes.items())),
+            dropped=self.dropped,
         )
 
 
@@ -135,6 +140,7 @@ class Recorder:
         self.duplicates = 0
         self.first_error: Fetch | None = None
         self.limits_hit: list[str] = []  # crawl-wide limits that cut the run short
+        self.notes: list[str] = []  # warnings kept on the run (e.g. overridden settings)
         self._done = False
 
     def _write(self, line: str) -> None:
@@ -164,6 +170,17 @@ class Recorder:
         with self._lock:
             self.stats.add_error()
 
+    def dropped(self) -> None:
+        """Count an item a pipeline dropped (Scrapy's DropItem)."""
+        with self._lock:
+            self.stats.add_dropped()
+
+    def note(self, text: str) -> None:
+        """A warning kept as the run's note (its error field) even when it succeeds."""
+        with self._lock:
+            if text not in self.notes:
+                self.notes.append(text)
+
     def limit(self, what: str) -> None:
         """Note a crawl-wide limit that stopped part of the crawl (kept as the run's error)."""
         with self._lock:
@@ -181,9 +198,10 @@ class Recorder:
                 first = self.first_error
                 return "failed", f"{first.error} ({first.url})"
             return "failed", note or "no page was fetched"
+        notes = list(self.notes)
         if self.limits_hit:  # a successful run that did not see everything says so
-            return "succeeded", "limit reached: " + "; ".join(self.limits_hit)
-        return "succeeded", None
+            notes.insert(0, "limit reached: " + "; ".join(self.limits_hit))
+        return "succeeded", "; ".join(notes) or None
 
     def done(self, status: Status, error: str | None) -> None:
         with self._lock:

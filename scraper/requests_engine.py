@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import parsel
 import requests
 import urllib3.exceptions
 import urllib3.util.connection as urllib3_connection
@@ -28,7 +27,7 @@ from w3lib.encoding import html_to_unicode
 from regions.messages import Fetch
 from scheduler.config import ResolvedSite
 from scraper.errors import ScraperError
-from scraper.extract import extract_items
+from scraper.extract import extract_items, page_selector
 from scraper.protocol import Recorder
 from scraper.ssrf import REFUSED, Guard, SSRFRefused
 
@@ -243,7 +242,9 @@ def _fetch_one(session: requests.Session, site: ResolvedSite, url: str, recorder
     if not 200 <= response.status_code < 300:
         return
     _, text = html_to_unicode(response.headers.get("Content-Type"), body)
-    items, problems = extract_items(parsel.Selector(text=text), response.url, site.extract)
+    items, problems = extract_items(
+        page_selector(text, site.extract.parser), response.url, site.extract
+    )
     for problem in problems:
         log.warning("%s", problem)
     for item in items:

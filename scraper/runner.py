@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 import scraper
 from regions.messages import (
+    CodeRef,
     Fetch,
     Job,
     RunFinished,
@@ -40,6 +41,7 @@ from regions.messages import (
     utcnow,
 )
 from scraper.batching import Batcher
+from scraper.code import CODE_PATH_ENV, CODE_TOKEN_ENV, CodeError
 from scraper.protocol import Done, ProtocolError, StatsTracker, decode_event
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ _PR_SET_PDEATHSIG = 1
 _EOF = object()
 
 Publish = Callable[[BaseModel], None]
+# A pinned code bundle -> its unpacked directory (scraper.code.CodeCache.path).
+CodeSource = Callable[[CodeRef], "os.PathLike[str] | str"]
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -92,22 +96,26 @@ def _child_setup(parent_pid: int) -> Callable[[], None] | None:
     return setup
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(code_path: str | None = None) -> dict[str, str]:
     """The environment of the child: ours, plus this checkout on PYTHONPATH."""
     env = dict(os.environ)
+    env.pop(CODE_PATH_ENV, None)
+    env.pop(CODE_TOKEN_ENV, None)  # the crawl (user code) has no use for the code token
+    if code_path is not None:
+        env[CODE_PATH_ENV] = code_path
     root = os.path.dirname(os.path.dirname(os.path.abspath(scraper.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
 
-def spawn_child() -> subprocess.Popen[bytes]:
+def spawn_child(code_path: str | None = None) -> subprocess.Popen[bytes]:
     """`python -m scraper.child` in its own process group, tied to our life."""
     return subprocess.Popen(
         [sys.executable, "-m", CHILD_MODULE],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_child_env(),
+        env=_child_env(code_path),
         process_group=0,
         preexec_fn=_child_setup(os.getpid()),
         close_fds=True,
@@ -182,6 +190,7 @@ def run_job(
     progress_seconds: float = 1.0,
     timeout: float | None = None,
     on_started: Callable[[], None] | None = None,
+    code: CodeSource | None = None,
 ) -> RunFinished:
     """Run one job in a crawl child, publishing its messages; returns the RunFinished.
 
@@ -193,6 +202,8 @@ def run_job(
     exception from `publish` kills the child and propagates. `on_started` is
     called once RunStarted is published, before the crawl process starts (the
     worker acks the job there: from then on the run's lease covers it).
+    `code` provides the directory of the code bundle a job pins (`Job.code`);
+    a bundle it cannot provide (CodeError) fails the run before any crawl.
     """
     clock = time.monotonic
     if timeout is None:
@@ -211,6 +222,15 @@ def run_job(
     )
     if on_started is not None:
         on_started()
+    code_path: str | None = None
+    if job.code is not None:
+        try:
+            if code is None:
+                raise CodeError(f"run needs code bundle {job.code.version}: no code source here")
+            code_path = os.fspath(code(job.code))
+        except CodeError as exc:
+            log.error("run %s: %s", job.run_id, exc)
+            return _finish(job, publish, "failed", RunStats(), str(exc))
     stats = StatsTracker()
     batcher = Batcher(
         job.run_id, job.site, job.region, max_entries=batch_items, max_seconds=batch_seconds
@@ -221,7 +241,7 @@ def run_job(
     stop_reading = threading.Event()
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
 
-    proc = spawn_child()
+    proc = spawn_child(code_path)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     readers = [
         threading.Thread(target=_pump_lines, args=(proc.stdout, events, stop_reading), daemon=True),
@@ -293,13 +313,19 @@ def run_job(
             error = f"crawl timed out after {timeout}s"
         else:
             error = _death_message(returncode, tail)
+    return _finish(job, publish, status, final_stats, error)
+
+
+def _finish(
+    job: Job, publish: Publish, status: str, stats: RunStats, error: str | None
+) -> RunFinished:
     finished = RunFinished(
         run_id=job.run_id,
         site=job.site,
         region=job.region,
         status="succeeded" if status == "succeeded" else "failed",
         finished_at=utcnow(),
-        stats=final_stats,
+        stats=stats,
         error=error,
     )
     publish(finished)

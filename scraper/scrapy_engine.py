@@ -1,7 +1,8 @@
 """The Scrapy engine: runs inside the crawl child only (it imports Twisted).
 
-A generic spider built from a ResolvedSite, or an existing spider
-("package.module:Class") run unchanged. Either way every response and every
+A generic spider built from a ResolvedSite, an existing spider
+("package.module:Class") run unchanged, or a Scrapy project's spider run with
+the project's own settings (scraper.project). Either way every response and every
 download error becomes a Fetch (via `FetchRecorderMiddleware`) and every item
 reaching `item_scraped` becomes a ScrapedItem.
 
@@ -14,7 +15,6 @@ name resolution, so nothing can connect to them whatever the DNS answers.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -37,6 +37,7 @@ from scrapy.exceptions import (
 from scrapy.http import Request, Response, TextResponse
 from scrapy.linkextractors import LinkExtractor
 from scrapy.resolver import CachingHostnameResolver
+from scrapy.settings import Settings
 from scrapy.utils.defer import deferred_from_coro
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHostResolution, IResolutionReceiver
@@ -47,16 +48,23 @@ from regions.messages import Fetch, ScrapedItem
 from scheduler.config import ResolvedSite
 from scraper.errors import ScraperError
 from scraper.extract import extract_items
+from scraper.project import (
+    GEOSCRAPE_MIDDLEWARES,
+    GUARDED_RESOLVER,
+    SpiderLoadError,
+    apply_guards,
+    load_settings,
+    spider_class,
+)
 from scraper.protocol import Recorder
 from scraper.ssrf import Guard, SSRFRefused
+
+__all__ = ["SpiderLoadError", "run"]
 
 log = logging.getLogger(__name__)
 
 MAX_BYTES_EXCEEDED = "max_bytes exceeded"
 TOO_MANY_REDIRECTS = "Too many redirects"
-_MIDDLEWARE = "scraper.scrapy_engine.FetchRecorderMiddleware"
-_GUARD_MIDDLEWARE = "scraper.scrapy_engine.SSRFGuardMiddleware"
-_RESOLVER = "scraper.scrapy_engine.GuardedResolver"
 
 
 # The run's recorder and SSRF guard, for the middlewares and the resolver (Scrapy
@@ -68,10 +76,6 @@ _guard: Guard | None = None
 
 class GuardRefused(IgnoreRequest):
     """A request the SSRF guard refused (never retried, always recorded)."""
-
-
-class SpiderLoadError(ScraperError):
-    """The configured `spider` cannot be imported."""
 
 
 def max_depth(site: ResolvedSite) -> int:
@@ -92,7 +96,7 @@ def settings_for(site: ResolvedSite) -> dict[str, Any]:
         "DOWNLOAD_MAXSIZE": limits.max_bytes,  # also caps decompressed bodies
         "REDIRECT_MAX_TIMES": limits.max_redirects,
         "CLOSESPIDER_TIMEOUT": limits.max_duration,
-        "TWISTED_DNS_RESOLVER": _RESOLVER,
+        "TWISTED_DNS_RESOLVER": GUARDED_RESOLVER,
         "DOWNLOAD_WARNSIZE": 0,
         "USER_AGENT": politeness.user_agent,
         # 0 means "no limit" to Scrapy; FetchRecorderMiddleware enforces depth 0.
@@ -104,7 +108,7 @@ def settings_for(site: ResolvedSite) -> dict[str, Any]:
         "RETRY_TIMES": 1,
         "LOG_LEVEL": "INFO",
         "LOG_STDOUT": False,
-        "DOWNLOADER_MIDDLEWARES": {_MIDDLEWARE: 50, _GUARD_MIDDLEWARE: 60},
+        "DOWNLOADER_MIDDLEWARES": GEOSCRAPE_MIDDLEWARES,
         "GEOSCRAPE_MAX_PAGES": limits.max_pages,
         "GEOSCRAPE_MAX_DEPTH": depth,
     }
@@ -320,7 +324,10 @@ class SiteSpider(scrapy.Spider):
         if not 200 <= response.status < 300 or not isinstance(response, TextResponse):
             return
         if self.site.extract is not None:
-            items, problems = extract_items(response.selector, response.url, self.site.extract)
+            # Parsed as the site says (html by default), not as Scrapy's response
+            # type suggests: an XML declaration must not turn XHTML into XML.
+            page = scrapy.Selector(response=response, type=self.site.extract.parser)
+            items, problems = extract_items(page, response.url, self.site.extract)
             for problem in problems:
                 self.logger.warning("%s", problem)
             for item in items:
@@ -340,18 +347,6 @@ class SiteSpider(scrapy.Spider):
                 yield response.follow(link.url, callback=self.parse, errback=self.on_error)
 
 
-def load_spider(path: str) -> type[scrapy.Spider]:
-    module_name, _, class_name = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-        spider_cls = getattr(module, class_name)
-    except (ImportError, AttributeError) as exc:
-        raise SpiderLoadError(f"cannot load spider {path!r}: {exc}") from exc
-    if not (isinstance(spider_cls, type) and issubclass(spider_cls, scrapy.Spider)):
-        raise SpiderLoadError(f"{path!r} is not a scrapy.Spider subclass")
-    return spider_cls
-
-
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
@@ -369,23 +364,34 @@ class CrawlCrashed(ScraperError):
     """The Scrapy crawl itself failed (not a page: the engine or the spider setup)."""
 
 
-def run(site: ResolvedSite, recorder: Recorder) -> str | None:
+def run(site: ResolvedSite, recorder: Recorder, project: str | None = None) -> str | None:
     """Run the crawl to completion (blocks; once per process: the reactor can't restart).
 
+    `project` (a deployed bundle's directory) stands in for `site.project`.
     Returns a note explaining an empty run, or None; raises CrawlCrashed.
     """
     global _recorder, _guard
+    project = project or site.project
     spider_cls: type[scrapy.Spider] = SiteSpider
     spider_kwargs: dict[str, Any] = {"site": site}
+    settings: Settings | dict[str, Any] = settings_for(site)
+    if project is not None:
+        settings = load_settings(project)
     if site.spider is not None:
-        spider_cls, spider_kwargs = load_spider(site.spider), {}
+        project_settings = settings if isinstance(settings, Settings) else None
+        spider_cls, spider_kwargs = spider_class(site.spider, project_settings), site.spider_args
     key_field = site.extract.key if site.extract is not None else None
 
     _recorder = recorder
     _guard = Guard.for_site(site)
     logging.root.handlers.clear()  # Scrapy installs its own stderr handler (LOG_LEVEL)
-    process = CrawlerProcess(settings_for(site))
+    process = CrawlerProcess(settings)
     crawler = process.create_crawler(spider_cls)
+    if project is not None:
+        # After the spider's custom_settings (applied by create_crawler), before the crawl.
+        for warning in apply_guards(crawler.settings, site):
+            log.warning("%s", warning)
+            recorder.note(warning)
     crashes: list[str] = []
 
     def on_item(item: Any, response: Response | None = None, **_: Any) -> None:
@@ -403,7 +409,11 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
     def on_spider_error(**_: Any) -> None:
         recorder.error()
 
+    def on_dropped(**_: Any) -> None:
+        recorder.dropped()
+
     crawler.signals.connect(on_item, signal=signals.item_scraped)
+    crawler.signals.connect(on_dropped, signal=signals.item_dropped)
     crawler.signals.connect(on_spider_error, signal=signals.spider_error)
 
     def on_crash(failure: Failure) -> None:

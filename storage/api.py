@@ -7,7 +7,12 @@ Every list is paged with ``limit`` (1..1000) and ``offset`` and answers
 page their rows the same way inside their result. Errors are JSON
 ``{"error": "message"}``: 400 for a bad filter, 401 without the token, 404
 for an unknown site or key. When GEOSCRAPE_API_TOKEN is set, every endpoint
-but /health and the docs needs ``Authorization: Bearer <token>``.
+but /health, /code and the docs needs ``Authorization: Bearer <token>``.
+
+``GET /code/{sha256}`` serves deployed code bundles to regional workers
+(docs/PROJECTS.md): it needs ``X-Geoscrape-Region: <region>`` and that
+region's own token, ``GEOSCRAPE_CODE_TOKEN_<REGION>`` (upper case, ``-`` as
+``_``); a region without one gets no code.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 from urllib.parse import unquote_to_bytes
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -38,6 +43,8 @@ from storage.queries import ItemRow, RunRow, list_items_page, list_runs_page
 from storage.since import TIME_PATTERN, parse_since
 
 TOKEN_ENV = "GEOSCRAPE_API_TOKEN"
+CODE_TOKEN_PREFIX = "GEOSCRAPE_CODE_TOKEN_"
+REGION_HEADER = "X-Geoscrape-Region"
 MAX_LIMIT = 1000
 # Far past any real store, and small enough that offset + limit stays a 64-bit integer.
 MAX_OFFSET = 10**15
@@ -81,6 +88,28 @@ def _authorised(request: Request) -> None:
 
 class _Unauthorised(Exception):
     pass
+
+
+class _CodeUnauthorised(Exception):
+    pass
+
+
+def code_token_env(region: str) -> str:
+    """The API-side variable holding `region`'s code token."""
+    return CODE_TOKEN_PREFIX + region.upper().replace("-", "_")
+
+
+def _code_reader(request: Request) -> None:
+    """A worker of a region with a code token, presenting that token."""
+    region = request.headers.get(REGION_HEADER, "")
+    secret = os.environ.get(code_token_env(region)) if region else None
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if (
+        not secret
+        or scheme.lower() != "bearer"
+        or not hmac.compare_digest(value.encode(), secret.encode())
+    ):
+        raise _CodeUnauthorised()
 
 
 Db = Annotated[Session, Depends(_session)]
@@ -139,6 +168,17 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
     async def _unauthorised(_: Request, __: _Unauthorised) -> JSONResponse:
         return JSONResponse(
             {"error": f"missing or wrong bearer token (set by {TOKEN_ENV})"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @app.exception_handler(_CodeUnauthorised)
+    async def _code_unauthorised(_: Request, __: _CodeUnauthorised) -> JSONResponse:
+        return JSONResponse(
+            {
+                "error": f"code needs {REGION_HEADER} and that region's token "
+                f"(set here as {CODE_TOKEN_PREFIX}<REGION>)"
+            },
             status_code=401,
             headers={"WWW-Authenticate": "Bearer"},
         )
@@ -288,6 +328,18 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         """Items that appeared, changed or vanished since a time, per region."""
         when = parse_since(since, what="since")
         return changes(db, site, when, region=region, limit=limit, offset=offset)
+
+    @app.get(
+        "/code/{sha256}",
+        dependencies=[Depends(_code_reader)],
+        response_class=Response,
+        responses={200: {"content": {"application/zip": {}}}},
+    )
+    def code_(db: Db, sha256: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]) -> Response:
+        """A deployed code bundle (zip), for regional workers; they verify its sha256."""
+        from storage.code import bundle_content
+
+        return Response(bundle_content(db, sha256), media_type="application/zip")
 
     return app
 

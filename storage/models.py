@@ -10,6 +10,7 @@
 - ``bad_messages``: ingest messages that did not parse, kept for inspection.
 - ``dead_jobs``: dead-lettered jobs, kept for `geoscrape dead` and requeue.
 - ``workers``: regional workers as last heard from (heartbeats).
+- ``code_bundles``: Scrapy projects shipped by `geoscrape deploy`, by sha256.
 
 Every timestamp is stored and returned as an aware UTC datetime.
 Schema changes go through an Alembic revision in storage/migrations/versions.
@@ -28,6 +29,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -121,6 +123,8 @@ class Run(Base):
     # The run's lease: the newest heartbeat (RunStarted, ItemBatch, RunProgress),
     # by the worker's clock; the reaper bumps it when it redelivers (storage/reaper.py).
     heartbeat_at: Mapped[datetime | None]
+    # The deployed code bundle the run's job pinned (name@sha256 prefix), if any.
+    code_version: Mapped[str | None] = mapped_column(String)
 
 
 class Worker(Base):
@@ -230,6 +234,19 @@ class DeadJob(Base):
     requeued_at: Mapped[datetime | None]
 
 
+class CodeBundle(Base):
+    """A Scrapy project zipped by `geoscrape deploy`; workers fetch it by sha256."""
+
+    __tablename__ = "code_bundles"
+    __table_args__ = (Index(None, "name", "deployed_at"),)
+
+    sha256: Mapped[str] = mapped_column(String, primary_key=True)
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    deployed_at: Mapped[datetime]  # a redeploy of the same bytes bumps it
+
+
 # The Core tables, for set-based statements.
 runs = cast(Table, Run.__table__)
 items = cast(Table, Item.__table__)
@@ -239,3 +256,4 @@ fetches = cast(Table, FetchRecord.__table__)
 bad_messages = cast(Table, BadMessage.__table__)
 dead_jobs = cast(Table, DeadJob.__table__)
 workers = cast(Table, Worker.__table__)
+code_bundles = cast(Table, CodeBundle.__table__)

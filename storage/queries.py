@@ -31,6 +31,7 @@ class RunRow:
     worker: str | None
     stats: dict[str, Any]
     error: str | None
+    code_version: str | None = None  # the deployed code bundle it ran (geoscrape deploy)
 
     @classmethod
     def of(cls, run: Run) -> RunRow:
@@ -47,6 +48,7 @@ class RunRow:
             worker=run.worker,
             stats=dict(run.stats),
             error=run.error,
+            code_version=run.code_version,
         )
 
 

@@ -162,6 +162,8 @@ def _apply_queued(session: Session, msg: RunQueued) -> None:
     fields: dict[str, Any] = {"trigger": msg.trigger, "tick": msg.tick, "queued_at": msg.queued_at}
     if msg.job is not None:
         fields["job"] = msg.job
+    if msg.code is not None:
+        fields["code_version"] = msg.code.version
     _ensure_run(session, msg, "queued", **fields)
     session.execute(update(runs).where(runs.c.id == msg.run_id).values(fields))
 

@@ -155,6 +155,7 @@ FINAL_STATS = {
     "duration": 61.5,
     "status_codes": {"200": 3},
     "peak_rss": 0,
+    "dropped": 0,
 }
 
 
@@ -389,6 +390,7 @@ def test_progress_replaces_stats_while_running(sessions: sessionmaker[Session]) 
         "duration": 0.0,
         "status_codes": {},
         "peak_rss": 0,
+        "dropped": 0,
     }
 
 
