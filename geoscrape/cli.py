@@ -52,8 +52,11 @@ def worker(
     from regions.bus import check_broker
     from regions.worker import check_region, run_worker
     from scheduler.loader import load_config
+    from scraper.chromium import check_browser_sites
 
-    check_region(region, list(load_config(config).regions))
+    sites = load_config(config)
+    check_region(region, list(sites.regions))
+    check_browser_sites(sites, region)  # a missing Chromium: one line now, not failed crawls
     check_broker()
     run_worker(region, concurrency=concurrency)
 

@@ -206,6 +206,24 @@ class Extract(_Model):
         return self
 
 
+BlockType = Literal["images", "fonts", "media", "stylesheets"]
+
+
+class Browser(_Model):
+    """`engine: browser` only: how long to let a page's scripts render it."""
+
+    wait_for: str | None = None  # CSS selector that must appear (within limits.timeout)
+    wait: Duration = 0.0  # then let scripts run this much longer
+    block: list[BlockType] = []  # resource types never fetched (saves time and bytes)
+
+    @field_validator("wait")
+    @classmethod
+    def _wait_not_negative(cls, wait: float) -> float:
+        if wait < 0:
+            raise ValueError("'wait' must not be negative")
+        return wait
+
+
 class Defaults(_Model):
     schedule: Schedule | None = None
     politeness: Politeness = Politeness()
@@ -220,8 +238,9 @@ class Site(_Model):
     name: str = Field(pattern=NAME_PATTERN)
     start_urls: list[str] = []
     regions: list[str] = Field(min_length=1)
-    engine: Literal["scrapy", "requests"] = "scrapy"
+    engine: Literal["scrapy", "requests", "browser"] = "scrapy"
     spider: str | None = None  # "package.module:SpiderClass", an existing Scrapy spider
+    browser: Browser | None = None  # engine 'browser' only
     schedule: Schedule | None = None
     follow: Follow | None = None
     extract: Extract | None = None
@@ -241,6 +260,10 @@ class Site(_Model):
             raise ValueError("'spider' must look like 'package.module:SpiderClass'")
         if self.engine == "requests" and self.follow is not None:
             raise ValueError("engine 'requests' fetches the listed URLs only; drop 'follow'")
+        if self.browser is not None and self.engine != "browser":
+            raise ValueError("'browser' settings need 'engine: browser'")
+        if self.engine == "browser" and self.spider is not None:
+            raise ValueError("engine 'browser' runs the generic spider; drop 'spider'")
         return self
 
     @field_validator("regions")
@@ -257,8 +280,9 @@ class ResolvedSite(_Model):
 
     name: str
     start_urls: list[str]
-    engine: Literal["scrapy", "requests"]
+    engine: Literal["scrapy", "requests", "browser"]
     spider: str | None
+    browser: Browser = Browser()  # used by engine 'browser' only
     follow: Follow | None
     extract: Extract | None
     politeness: Politeness
@@ -323,6 +347,7 @@ class Config(_Model):
             start_urls=site.start_urls,
             engine=site.engine,
             spider=site.spider,
+            browser=site.browser or Browser(),
             follow=site.follow,
             extract=site.extract,
             politeness=politeness,

@@ -44,6 +44,8 @@ def run_job(job: Job, recorder: Recorder) -> None:
         log.info("run %s: site %s, engine %s", job.run_id, site.name, site.engine)
         if site.engine == "requests" and site.spider is None:
             from scraper import requests_engine as engine
+        elif site.engine == "browser":
+            from scraper import browser_engine as engine  # type: ignore[no-redef]
         else:
             from scraper import scrapy_engine as engine  # type: ignore[no-redef]
         note = engine.run(site, recorder)

@@ -135,6 +135,7 @@ class Recorder:
         self.duplicates = 0
         self.first_error: Fetch | None = None
         self.limits_hit: list[str] = []  # crawl-wide limits that cut the run short
+        self.tree_peak_rss = 0  # set by an engine that runs helper processes (browser)
         self._done = False
 
     def _write(self, line: str) -> None:
@@ -190,7 +191,8 @@ class Recorder:
             if self._done:
                 return
             self._done = True
-            stats = self.stats.snapshot().model_copy(update={"peak_rss": peak_rss()})
+            rss = max(peak_rss(), self.tree_peak_rss)
+            stats = self.stats.snapshot().model_copy(update={"peak_rss": rss})
             self._write(encode_done(status, error, stats))
 
 

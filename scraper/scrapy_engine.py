@@ -369,9 +369,12 @@ class CrawlCrashed(ScraperError):
     """The Scrapy crawl itself failed (not a page: the engine or the spider setup)."""
 
 
-def run(site: ResolvedSite, recorder: Recorder) -> str | None:
+def run(
+    site: ResolvedSite, recorder: Recorder, *, settings: dict[str, Any] | None = None
+) -> str | None:
     """Run the crawl to completion (blocks; once per process: the reactor can't restart).
 
+    `settings` replaces `settings_for(site)` (engine browser passes its own).
     Returns a note explaining an empty run, or None; raises CrawlCrashed.
     """
     global _recorder, _guard
@@ -384,7 +387,7 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
     _recorder = recorder
     _guard = Guard.for_site(site)
     logging.root.handlers.clear()  # Scrapy installs its own stderr handler (LOG_LEVEL)
-    process = CrawlerProcess(settings_for(site))
+    process = CrawlerProcess(settings if settings is not None else settings_for(site))
     crawler = process.create_crawler(spider_cls)
     crashes: list[str] = []
 

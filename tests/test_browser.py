@@ -1,0 +1,314 @@
+"""engine browser: real crawl children driving Debian's Chromium against a local JS-only shop.
+
+Each crawl goes run_job -> `python -m scraper.child` -> Playwright -> Chromium
+-> tests/browsersite.py; the test watches the child's process tree while it
+runs, so it can tell that the browser is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from regions.messages import Fetch, ItemBatch, Job, RunFinished, ScrapedItem
+from scheduler.config import Config
+from scraper import runner
+from scraper.chromium import CHROMIUM_ENV, ChromiumMissing, check_browser_sites, find_chromium
+from scraper.ssrf import REFUSED
+from tests.browsersite import BrowserSite, Trap, serve_browser_site, serve_trap
+
+CARD = {
+    "items": "li.product",
+    "key": "sku",
+    "fields": {
+        "sku": {"css": "::attr(data-sku)"},
+        "name": {"css": ".name::text"},
+        "price": {"css": ".price::text", "type": "price"},
+    },
+}
+FAST = {"delay": 0, "concurrency": 4, "robots": "ignore"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chromium_installed() -> None:
+    try:
+        find_chromium()
+    except Exception as exc:
+        pytest.fail(f"these tests need Debian's chromium (scripts/apt-packages.txt): {exc}")
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[BrowserSite]:
+    with serve_browser_site(lists=3) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def trap() -> Iterator[Trap]:
+    with serve_trap() as served:
+        yield served
+
+
+def make_job(site: BrowserSite, **overrides: Any) -> Job:
+    host = site.url.removeprefix("http://")
+    entry: dict[str, Any] = {
+        "name": "jsshop",
+        "regions": ["eu"],
+        "engine": "browser",
+        "start_urls": [site.url + "/"],
+        "follow": {"allow": ["/list/"]},
+        "extract": CARD,
+        "politeness": FAST,
+        "allow_hosts": [host],  # only the shop itself: not the trap on 127.0.0.2
+        "browser": {"wait_for": "body[data-ready]", "block": ["images", "fonts", "media"]},
+    }
+    entry.update(overrides)
+    if entry["engine"] != "browser":
+        entry.pop("browser", None)
+    config = Config.model_validate({"regions": {"eu": None}, "sites": [entry]})
+    return Job(
+        run_id=uuid.uuid4().hex,
+        site="jsshop",
+        region="eu",
+        config=config.resolved_site("jsshop").model_dump(mode="json"),
+    )
+
+
+def _proc_start(pid: int) -> str | None:
+    """A process's start time (pid reuse check), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except OSError:
+        return None
+
+
+def _descendants(root: int) -> dict[int, str]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found: dict[int, str] = {}
+    todo = list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        start = _proc_start(pid)
+        if start is not None:
+            found[pid] = start
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+class BrowserRun:
+    """run_job in this process; records every process below the crawl child."""
+
+    def __init__(self, job: Job, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.messages: list[Any] = []
+        self.tree: dict[int, str] = {}
+        self.exes: dict[int, str] = {}
+        spawned: list[subprocess.Popen[bytes]] = []
+        real_spawn = runner.spawn_child
+
+        def spawn() -> subprocess.Popen[bytes]:
+            proc = real_spawn()
+            spawned.append(proc)
+            return proc
+
+        monkeypatch.setattr(runner, "spawn_child", spawn)
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                if spawned:
+                    for pid, start in _descendants(spawned[0].pid).items():
+                        if pid not in self.tree:
+                            self.tree[pid] = start
+                            self.exes[pid] = _exe(pid)
+                stop.wait(0.2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        started = time.monotonic()
+        try:
+            self.finished: RunFinished = runner.run_job(job, self.messages.append, worker="t")
+        finally:
+            self.seconds = time.monotonic() - started
+            stop.set()
+            watcher.join(timeout=10)
+
+    @property
+    def items(self) -> list[ScrapedItem]:
+        return [i for m in self.messages if isinstance(m, ItemBatch) for i in m.items]
+
+    @property
+    def fetches(self) -> list[Fetch]:
+        return [f for m in self.messages if isinstance(m, ItemBatch) for f in m.fetches]
+
+    def errors(self) -> dict[str, str | None]:
+        return {f.url: f.error for f in self.fetches if f.status is None}
+
+    def products(self) -> set[tuple[str, str, float]]:
+        return {(i.data["sku"], i.data["name"], i.data["price"]) for i in self.items}
+
+    def browsers(self) -> dict[int, str]:
+        return {pid: start for pid, start in self.tree.items() if "chrom" in self.exes[pid]}
+
+    def survivors(self) -> dict[int, str]:
+        return {
+            pid: self.exes[pid] for pid, start in self.tree.items() if _proc_start(pid) == start
+        }
+
+    def assert_all_gone(self) -> None:
+        survivors = self.survivors()
+        assert survivors == {}, f"outlived the run: {survivors}"
+
+
+# -- config ---------------------------------------------------------------------
+
+
+def test_browser_settings_need_engine_browser() -> None:
+    entry = {
+        "name": "s",
+        "regions": ["eu"],
+        "start_urls": ["http://example.com/"],
+        "extract": CARD,
+        "browser": {"wait": "2s"},
+    }
+    with pytest.raises(ValidationError, match="need 'engine: browser'"):
+        Config.model_validate({"regions": {"eu": None}, "sites": [entry]})
+    entry["engine"] = "browser"
+    entry["browser"] = {"wait": "2s", "block": ["images", "fonts"], "wait_for": "#x"}
+    config = Config.model_validate({"regions": {"eu": None}, "sites": [entry]})
+    resolved = config.resolved_site("s")
+    assert resolved.browser.wait == 2.0
+    assert resolved.browser.block == ["images", "fonts"]
+    for bad in ({"wiat": "2s"}, {"block": ["scripts"]}, {"wait": "-1s"}):
+        entry["browser"] = bad
+        with pytest.raises(ValidationError):
+            Config.model_validate({"regions": {"eu": None}, "sites": [entry]})
+
+
+def test_a_job_without_browser_settings_still_validates() -> None:
+    from scheduler.config import ResolvedSite
+
+    old = make_job(BrowserSite(url="http://127.0.0.1:1", lists=1), engine="scrapy").config
+    old.pop("browser")
+    assert ResolvedSite.model_validate(old).browser.wait == 0.0
+
+
+# -- crawls ---------------------------------------------------------------------
+
+
+def test_browser_extracts_js_rendered_products_scrapy_none(
+    site: BrowserSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    browser = BrowserRun(make_job(site), monkeypatch)
+    assert browser.finished.status == "succeeded", browser.finished.error
+    assert browser.products() == site.expected()
+    assert browser.finished.stats.pages == 1 + site.lists
+    # the browser ran below the crawl child, and nothing of it outlived the run
+    assert browser.browsers(), f"no Chromium seen under the crawl child: {browser.exes}"
+    browser.assert_all_gone()
+
+    scrapy = BrowserRun(make_job(site, engine="scrapy"), monkeypatch)
+    assert scrapy.finished.status == "succeeded", scrapy.finished.error
+    assert scrapy.items == []
+    assert scrapy.finished.stats.pages == 1  # the links are rendered by JS too
+
+
+@pytest.fixture(scope="module")
+def guarded(site: BrowserSite, trap: Trap) -> Iterator[BrowserRun]:
+    """One crawl of three hostile pages (each test below reads its own page's part):
+    a script fetch()ing the trap, the same through a redirect, a response over max_bytes."""
+    start_urls = [
+        f"{site.url}/leak?to={trap.url}/steal",
+        f"{site.url}/leak?to={site.url}/bounce?to={trap.url}/via-redirect",
+        f"{site.url}/big",
+    ]
+    job = make_job(site, start_urls=start_urls, follow=None, limits={"max_bytes": "1MB"})
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield BrowserRun(job, monkeypatch)
+
+
+def test_a_script_request_outside_allow_hosts_is_refused_and_recorded(
+    guarded: BrowserRun, site: BrowserSite, trap: Trap
+) -> None:
+    assert guarded.finished.status == "succeeded", guarded.finished.error
+    steal = trap.url + "/steal"
+    assert "/steal" not in trap.hits  # never sent
+    assert REFUSED in (guarded.errors().get(steal) or ""), guarded.errors()
+    assert all(i.data["sku"] != "JS-9999" for i in guarded.items)  # nothing of it rendered
+    guarded.assert_all_gone()
+
+
+def test_a_redirect_to_a_refused_address_drops_the_page(
+    guarded: BrowserRun, site: BrowserSite, trap: Trap
+) -> None:
+    steal = trap.url + "/via-redirect"
+    assert REFUSED in (guarded.errors().get(steal) or ""), guarded.errors()
+    leak = f"{site.url}/leak?to={site.url}/bounce?to={steal}"
+    assert "page dropped" in (guarded.errors().get(leak) or ""), guarded.errors()
+
+
+def test_max_bytes_holds_for_what_the_page_loads(guarded: BrowserRun, site: BrowserSite) -> None:
+    assert guarded.errors().get(f"{site.url}/api/big.json") == "max_bytes exceeded"
+    assert "page dropped" in (guarded.errors().get(f"{site.url}/big") or ""), guarded.errors()
+
+
+# -- the worker's start check ------------------------------------------------------
+
+
+def test_worker_without_chromium_fails_at_start_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "sites.yaml"
+    config.write_text(
+        "regions: {eu: {}, us: {}}\n"
+        "sites:\n"
+        "  - name: jsshop\n"
+        "    regions: [eu]\n"
+        "    engine: browser\n"
+        "    start_urls: ['http://example.com/']\n"
+        "    extract: {fields: {t: {css: 'title::text'}}}\n"
+    )
+    env = {**os.environ, CHROMIUM_ENV: str(tmp_path / "no-chromium")}
+    env["GEOSCRAPE_BROKER_URL"] = "amqp://guest:guest@127.0.0.1:1//"  # never reached
+    cmd = [sys.executable, "-m", "geoscrape.cli", "worker", "--region", "eu", "-c", str(config)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "region 'eu' has browser site(s) jsshop" in lines[0]
+    assert "no-chromium is not an executable file" in lines[0]
+
+
+def test_a_region_without_browser_sites_needs_no_chromium(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = {"name": "js", "regions": ["eu"], "engine": "browser", "start_urls": ["http://e/"]}
+    entry["extract"] = CARD
+    config = Config.model_validate({"regions": {"eu": None, "us": None}, "sites": [entry]})
+    monkeypatch.setenv(CHROMIUM_ENV, str(tmp_path / "none"))
+    check_browser_sites(config, "us")
+    with pytest.raises(ChromiumMissing):
+        check_browser_sites(config, "eu")
