@@ -240,7 +240,6 @@ class Site(_Model):
     regions: list[str] = Field(min_length=1)
     engine: Literal["scrapy", "requests", "browser"] = "scrapy"
     spider: str | None = None  # "package.module:SpiderClass", an existing Scrapy spider
-    browser: Browser | None = None  # engine 'browser' only
     schedule: Schedule | None = None
     follow: Follow | None = None
     extract: Extract | None = None
@@ -248,6 +247,7 @@ class Site(_Model):
     limits: LimitsOverride = LimitsOverride()
     allow_hosts: AllowHosts = []  # added to defaults.allow_hosts
     allow_networks: AllowNetworks = []  # added to defaults.allow_networks
+    browser: Browser | None = None  # engine 'browser' only
 
     @model_validator(mode="after")
     def _runnable(self) -> Site:

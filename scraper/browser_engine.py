@@ -7,23 +7,28 @@ Chromium (Debian's, found by scraper.chromium; never downloaded), waits for
 `browser.wait_for` / `browser.wait`, and hands the rendered DOM to the spider.
 robots.txt is still fetched over plain HTTP.
 
-Every request the page makes (its document, XHR, fetch, iframes, scripts,
-WebSockets) is intercepted before Chromium sends it and checked by the same
-SSRF guard the other engines use (`abort_request`); a refused one is aborted
-and recorded as a Fetch with the guard's error. `browser.block` resource types
-are aborted unrecorded. Chromium follows HTTP redirects of page
-sub-requests without asking the interceptor, so the guard checks every
-response's redirect target as it arrives and closes the page when one is
-refused (`_watch_redirects`): the refused hop may already have been sent, but
-its answer never reaches the page or the items.
+The SSRF guard (scraper.ssrf, the same one the other engines use) runs twice:
+
+- Request interception (`abort_request`): every request a page is about to
+  send (document, XHR, fetch, iframes, scripts) is checked by URL; a refused
+  one is aborted and recorded as a Fetch with the guard's error.
+  `browser.block` resource types are aborted unrecorded. WebSockets are
+  routed through the same check (`_guard_websocket`).
+- Connect time (scraper.browser_proxy): Chromium's only way out is a forward
+  proxy in this process, which resolves each host itself and connects only to
+  allowed addresses. It catches what interception cannot see: redirect hops
+  (Chromium follows them without asking the interceptor) and DNS answers that
+  change after the check.
 
 Limits: `limits.timeout` bounds each page (navigation plus `wait_for`;
 `browser.wait` comes on top), `max_bytes` the rendered document and every
-response with a declared size, `max_pages`/`max_depth`/`max_duration` hold as
-for engine scrapy. One browser per crawl child, closed when the crawl ends
-(Playwright also kills it if the child dies). The run's `peak_rss` is the
-whole process tree's (this process, Playwright's driver, every Chromium
-process), sampled every half second.
+response with a declared size (the page is dropped), `max_pages`/
+`max_depth`/`max_duration` hold as for engine scrapy. One browser per crawl
+child, closed when the crawl ends; the child is a subreaper and returns only
+when every browser process is gone (Chromium also exits when the child is
+killed: its DevTools pipe closes). The run's `peak_rss` is the whole process
+tree's (this process, Playwright's driver, every Chromium process; PSS),
+sampled every half second.
 """
 
 from __future__ import annotations
@@ -37,13 +42,13 @@ import signal
 import threading
 import time
 from typing import Any
-from urllib.parse import urljoin
 
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Page, WebSocketRoute
 from playwright.async_api import Request as PlaywrightRequest
 from playwright.async_api import Response as PlaywrightResponse
 from playwright.async_api import TimeoutError as PlaywrightTimeout
+from scrapy import signals
 from scrapy.exceptions import DownloadCancelledError, DownloadTimeoutError
 from scrapy.http import Request, Response
 from scrapy_playwright.handler import ScrapyPlaywrightDownloadHandler
@@ -51,7 +56,7 @@ from scrapy_playwright.page import PageMethod
 
 from regions.messages import Fetch
 from scheduler.config import ResolvedSite
-from scraper import scrapy_engine
+from scraper import browser_proxy, scrapy_engine
 from scraper.chromium import CHROMIUM_ARGS, find_chromium
 from scraper.errors import ScraperError
 from scraper.protocol import Recorder
@@ -80,6 +85,7 @@ class BrowserCrawl:
         self.guard = Guard.for_site(site)
         self.blocked = frozenset(BLOCK_TYPES[name] for name in site.browser.block)
         self.refused: set[str] = set()  # URLs already recorded as refused
+        self.proxy_socket = browser_proxy.listen()
 
     def refuse(self, url: str, reason: str) -> None:
         """Record a refused browser request once per URL (the store keys fetches by URL)."""
@@ -134,24 +140,14 @@ async def _guard_websocket(ws: WebSocketRoute) -> None:
 
 
 def _watch_responses(page: Page, crawl: BrowserCrawl, meta: dict[str, Any]) -> None:
-    """Drop the page when a response redirects somewhere the guard refuses, or
-    declares a body over max_bytes (Chromium follows redirects of sub-requests
-    itself, unseen by the interceptor): the page is closed at once and its
-    download fails with the reason."""
+    """Drop the page (close it at once, its download fails) when a response
+    declares a body over max_bytes: Chromium would read it all."""
 
     async def on_response(response: PlaywrightResponse) -> None:
-        reason: str | None = None
-        target = response.headers.get("location")
-        if 300 <= response.status < 400 and target:
-            target = urljoin(response.url, target)
-            reason = await check_url(crawl, target)
-            where = target
         length = response.headers.get("content-length", "")
-        if reason is None and length.isdigit() and int(length) > crawl.site.limits.max_bytes:
-            reason, where = scrapy_engine.MAX_BYTES_EXCEEDED, response.url
-        if reason is not None:
-            crawl.refuse(where, reason)
-            meta.setdefault(DROPPED, f"page dropped: {where[:200]}: {reason}")
+        if length.isdigit() and int(length) > crawl.site.limits.max_bytes:
+            crawl.refuse(response.url, scrapy_engine.MAX_BYTES_EXCEEDED)
+            meta.setdefault(DROPPED, f"page dropped: {response.url[:200]}: over max_bytes")
             if not page.is_closed():
                 await page.close()
 
@@ -188,6 +184,12 @@ class BrowserDownloadHandler(ScrapyPlaywrightDownloadHandler):
         # A page closed by the guard must fail, not be loaded again.
         self.config.target_closed_max_retries = 0
         self._closed = False
+        self._proxy: asyncio.Server | None = None
+        crawler.signals.connect(self._start_proxy, signals.engine_started)
+
+    async def _start_proxy(self) -> None:
+        crawl = _current()
+        self._proxy = await browser_proxy.serve(crawl.proxy_socket, crawl.guard, crawl.refuse)
 
     @classmethod
     def from_crawler(cls, crawler: Any) -> BrowserDownloadHandler:
@@ -202,6 +204,8 @@ class BrowserDownloadHandler(ScrapyPlaywrightDownloadHandler):
         if not self._closed:  # registered for two schemes: closed twice
             self._closed = True
             await super().close()
+            if self._proxy is not None:
+                self._proxy.close()
 
     async def download_request(self, request: Request) -> Response:
         if scrapy_engine._is_robots_request(request):
@@ -246,9 +250,10 @@ def _short(exc: PlaywrightError) -> str:
     return (first[0] if first else type(exc).__name__)[:200]
 
 
-def settings_for(site: ResolvedSite, chromium: str) -> dict[str, Any]:
-    """engine scrapy's settings, with downloads done by Chromium."""
+def settings_for(site: ResolvedSite, chromium: str, proxy_port: int) -> dict[str, Any]:
+    """engine scrapy's settings, with downloads done by Chromium through our proxy."""
     settings = scrapy_engine.settings_for(site)
+    proxy = [f"--proxy-server=http://127.0.0.1:{proxy_port}", "--proxy-bypass-list=<-loopback>"]
     pages = min(site.politeness.concurrency, MAX_PAGES_OPEN)
     settings.update(
         {
@@ -261,7 +266,7 @@ def settings_for(site: ResolvedSite, chromium: str) -> dict[str, Any]:
                 "executable_path": chromium,
                 "headless": True,
                 "chromium_sandbox": False,
-                "args": list(CHROMIUM_ARGS),
+                "args": [*CHROMIUM_ARGS, *proxy],
             },
             "PLAYWRIGHT_CONTEXTS": {
                 "default": {
@@ -401,7 +406,8 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
     become_subreaper()
     with RssSampler() as sampler:
         try:
-            return scrapy_engine.run(site, recorder, settings=settings_for(site, chromium))
+            port = _crawl.proxy_socket.getsockname()[1]
+            return scrapy_engine.run(site, recorder, settings=settings_for(site, chromium, port))
         finally:
             reap_children()
             recorder.tree_peak_rss = sampler.peak

@@ -10,6 +10,7 @@ source holds no product and no link, so only a browser sees them.
                       a product only if that fetch succeeded
     /bounce?to=URL    302 to URL
     /big              a page whose script fetches /api/big.json (over max_bytes)
+    /hang             answers only after HANG_SECONDS (or when `hanging` is set)
     /robots.txt       empty
 
 `Trap` is a second server that only counts the requests reaching it.
@@ -28,6 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 
 PER_PAGE = 5
 BIG_BYTES = 2_000_000
+HANG_SECONDS = 300
 
 PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{title}</title></head>
@@ -74,6 +76,7 @@ class BrowserSite:
     url: str
     lists: int
     hits: list[str] = field(default_factory=list)
+    hanging: threading.Event = field(default_factory=threading.Event)  # set: /hang answers
 
     def expected(self, lists: int | None = None) -> set[tuple[str, str, float]]:
         return {
@@ -135,6 +138,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(302, b"", "text/plain", Location=query["to"])
         elif path == "/big":
             self._page("Big", 'fetch("/api/big.json").then(r => r.json()).then(render);')
+        elif path == "/hang":
+            self.site.hanging.wait(HANG_SECONDS)
+            self._send(200, b"late", "text/plain")
         elif path == "/api/big.json":
             self._send(200, b" " * BIG_BYTES, "application/json")
         else:
@@ -160,7 +166,10 @@ def serve_browser_site(lists: int = 3) -> Iterator[BrowserSite]:
     handler = type("Handler", (_Handler,), {"site": site})
     with _serve(handler, "127.0.0.1") as port:
         site.url = f"http://127.0.0.1:{port}"
-        yield site
+        try:
+            yield site
+        finally:
+            site.hanging.set()
 
 
 class _TrapHandler(BaseHTTPRequestHandler):
