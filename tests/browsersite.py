@@ -147,10 +147,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found", "text/plain")
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a browser closing a page mid-response (max_pages, max_bytes) is expected
+
+
 @contextmanager
 def _serve(handler: type[BaseHTTPRequestHandler], host: str) -> Iterator[int]:
-    server = ThreadingHTTPServer((host, 0), handler)
-    server.daemon_threads = True
+    server = _QuietServer((host, 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -243,14 +243,17 @@ def test_browser_extracts_js_rendered_products_scrapy_none(
 @pytest.fixture(scope="module")
 def guarded(site: BrowserSite, trap: Trap) -> Iterator[BrowserRun]:
     """One crawl of three hostile pages (each test below reads its own page's part):
-    a script fetch()ing the trap, the same through a redirect, a response over max_bytes."""
+    a script fetch()ing the trap, the same through a redirect, a response over max_bytes,
+    a page that never answers."""
     assert trap.hits == [], trap.hits
     start_urls = [
         f"{site.url}/leak?to={trap.url}/steal",
         f"{site.url}/leak?to={site.url}/bounce?to={trap.url}/via-redirect",
         f"{site.url}/big",
+        f"{site.url}/hang",
     ]
-    job = make_job(site, start_urls=start_urls, follow=None, limits={"max_bytes": "1MB"})
+    limits = {"max_bytes": "1MB", "timeout": "5s"}
+    job = make_job(site, start_urls=start_urls, follow=None, limits=limits)
     with pytest.MonkeyPatch.context() as monkeypatch:
         yield BrowserRun(job, monkeypatch)
 
@@ -290,15 +293,18 @@ PEAK_RSS_BOUND = 1024 * 1024 * 1024
 
 
 @pytest.mark.slow
-def test_a_50_page_browser_crawl_stays_within_its_memory_bound(
+def test_a_50_page_browser_crawl_stops_at_max_pages_within_its_memory_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    with serve_browser_site(lists=49) as big:
+    with serve_browser_site(lists=60) as big:
         job = make_job(big, limits={"max_pages": 50})
         run = BrowserRun(job, monkeypatch)
     assert run.finished.status == "succeeded", run.finished.error
+    assert run.finished.error == "limit reached: max_pages (50)"
     assert run.finished.stats.pages == 50
-    assert run.products() == big.expected()
+    products = run.products()
+    assert len(products) >= 48 * 5, len(products)  # the index and 49 lists, minus in-flight
+    assert products <= big.expected()
     peak = run.finished.stats.peak_rss
     print(
         f"browser crawl: 50 pages in {run.seconds:.1f}s ({50 / run.seconds:.2f} pages/s), "
@@ -336,6 +342,12 @@ def test_a_killed_crawl_takes_its_browser_with_it(site: BrowserSite) -> None:
         timeout=30,
         what=f"browser processes {sorted(tree)} to exit after their crawl was killed",
     )
+
+
+def test_limits_timeout_holds_for_a_page_that_never_loads(
+    guarded: BrowserRun, site: BrowserSite
+) -> None:
+    assert guarded.errors().get(f"{site.url}/hang") == "Timeout", guarded.errors()
 
 
 # -- the worker's start check ------------------------------------------------------
