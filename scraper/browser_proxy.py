@@ -12,7 +12,8 @@ changes between check and connect gets nowhere either.
     GET http://host:port/path  (http, ws)     -> check, connect, origin-form request,
                                                  `Connection: close`, then a byte pipe
 
-A refused connection gets a 403 and is recorded through `on_refused(url, reason)`.
+A refused connection gets a 403 and is recorded through `on_refused(url, reason)`;
+one that cannot be made (no address, nothing answers) gets a 502.
 One client connection carries one request: plain-HTTP keep-alive is turned off,
 so the next request (maybe to another host) comes on a new, checked connection.
 """
@@ -78,8 +79,9 @@ async def _handle(
             return
         host, port, url = parts.hostname, parts.port or 80, target
     upstream = await _connect(host.strip("[]"), port, url, guard, on_refused)
-    if upstream is None:
-        await _refuse(writer, 403, "refused by geoscrape's SSRF guard")
+    if isinstance(upstream, int):
+        reason = "refused by geoscrape's SSRF guard" if upstream == 403 else "cannot connect"
+        await _refuse(writer, upstream, reason)
         return
     up_reader, up_writer = upstream
     try:
@@ -111,8 +113,9 @@ def _forward_headers(block: bytes) -> bytes:
 
 async def _connect(
     host: str, port: int, url: str, guard: Guard, on_refused: OnRefused
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-    """Connect to the first address of `host` the guard allows, else record the refusal."""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | int:
+    """Connect to the first address of `host` the guard allows; else 403 (refused, and
+    recorded) or 502 (no address, or none answered)."""
     addresses = await asyncio.get_running_loop().run_in_executor(None, resolve_host, host, port)
     allowed = [a for a in addresses if guard.address_allowed(a, port, host)]
     if addresses and not allowed:
@@ -120,14 +123,14 @@ async def _connect(
             guard.check_address(addresses[0], port, host)
         except SSRFRefused as exc:
             on_refused(url, str(exc))
-        return None
+        return 403
     addresses = allowed
     for address in addresses:
         with contextlib.suppress(OSError, TimeoutError):
             return await asyncio.wait_for(
                 asyncio.open_connection(address, port, limit=PIPE_CHUNK), CONNECT_TIMEOUT
             )
-    return None
+    return 502
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
