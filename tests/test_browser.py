@@ -220,6 +220,73 @@ def test_a_job_without_browser_settings_still_validates() -> None:
     assert ResolvedSite.model_validate(old).browser.wait == 0.0
 
 
+# -- the guarded proxy, without a browser ------------------------------------------
+
+
+@pytest.fixture
+def proxy(site: BrowserSite) -> Iterator[tuple[int, list[tuple[str, str]]]]:
+    """scraper.browser_proxy on its own event loop; yields (port, refusals)."""
+    import asyncio
+
+    from scraper import browser_proxy
+    from scraper.ssrf import Guard
+
+    refusals: list[tuple[str, str]] = []
+    guard = Guard.build(allow_hosts=[site.url.removeprefix("http://")])
+    sock = browser_proxy.listen()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    serve = browser_proxy.serve(sock, guard, lambda url, why: refusals.append((url, why)))
+    server = asyncio.run_coroutine_threadsafe(serve, loop).result(timeout=10)
+    try:
+        yield sock.getsockname()[1], refusals
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+def _ask(port: int, head: str, then: str = "") -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(head.encode())
+        reply = b""
+        if then:  # a tunnel: read its 200 first, then talk through it
+            while b"\r\n\r\n" not in reply:
+                reply += conn.recv(4096)
+            conn.sendall(then.encode())
+        while chunk := conn.recv(65536):
+            reply += chunk
+        return reply
+
+
+def test_the_proxy_forwards_allowed_requests_and_refuses_the_rest(
+    proxy: tuple[int, list[tuple[str, str]]], site: BrowserSite, trap: Trap
+) -> None:
+    port, refusals = proxy
+    host = site.url.removeprefix("http://")
+    reply = _ask(port, f"GET {site.url}/api/list/1.json HTTP/1.1\r\nHost: {host}\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n")[0], reply[:200]
+    assert b"JS-0001" in reply
+    tunnel = _ask(
+        port,
+        f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        then=f"GET /api/list/2.json HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
+    )
+    assert tunnel.startswith(b"HTTP/1.1 200 Connection established") and b"JS-0006" in tunnel
+
+    trap_host = trap.url.removeprefix("http://")
+    refused = _ask(port, f"GET {trap.url}/plain HTTP/1.1\r\nHost: {trap_host}\r\n\r\n")
+    assert refused.startswith(b"HTTP/1.1 403 ")
+    refused = _ask(port, f"CONNECT {trap_host} HTTP/1.1\r\nHost: {trap_host}\r\n\r\n")
+    assert refused.startswith(b"HTTP/1.1 403 ")
+    assert trap.hits == []
+    assert [url for url, _ in refusals] == [f"{trap.url}/plain", f"https://{trap_host}/"]
+    assert all(REFUSED in why for _, why in refusals)
+
+
 # -- crawls ---------------------------------------------------------------------
 
 
@@ -252,7 +319,8 @@ def guarded(site: BrowserSite, trap: Trap) -> Iterator[BrowserRun]:
         f"{site.url}/big",
         f"{site.url}/hang",
     ]
-    limits = {"max_bytes": "1MB", "timeout": "5s"}
+    # timeout: generous for pages that do load on a loaded machine; /hang never does
+    limits = {"max_bytes": "1MB", "timeout": "20s"}
     job = make_job(site, start_urls=start_urls, follow=None, limits=limits)
     with pytest.MonkeyPatch.context() as monkeypatch:
         yield BrowserRun(job, monkeypatch)
@@ -385,3 +453,50 @@ def test_a_region_without_browser_sites_needs_no_chromium(
     check_browser_sites(config, "us")
     with pytest.raises(ChromiumMissing):
         check_browser_sites(config, "eu")
+
+
+# -- end to end -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_browser_site_through_worker_and_ingest_lands_in_the_store(
+    tmp_path: Path, vhost_url: str, sqlite_url: str, site: BrowserSite, trap: Trap
+) -> None:
+    """sites.yaml -> dispatch -> real `geoscrape worker` and `ingest` -> the store."""
+    from storage.queries import list_fetches, list_items, list_runs
+    from tests.harness import stack
+
+    host = site.url.removeprefix("http://")
+    config = f"""\
+regions: {{eu: {{}}}}
+sites:
+  - name: jsshop
+    regions: [eu]
+    engine: browser
+    start_urls: ["{site.url}/", "{site.url}/leak?to={trap.url}/e2e"]
+    allow_hosts: ["{host}"]
+    follow: {{allow: ["/list/"]}}
+    politeness: {{delay: 0, concurrency: 4, robots: ignore}}
+    browser: {{wait_for: "body[data-ready]", wait: 100ms, block: [images, fonts, media]}}
+    extract:
+      items: li.product
+      key: sku
+      fields:
+        sku: {{css: "::attr(data-sku)"}}
+        name: {{css: ".name::text"}}
+        price: {{css: ".price::text", type: price}}
+"""
+    with stack(tmp_path, vhost_url, sqlite_url, config) as s:
+        s.ingest()
+        s.worker("eu")
+        done = s.cli("crawl", "jsshop", "--wait", "--timeout", "240", timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        with s.sessions()() as session:
+            [run] = list_runs(session, site="jsshop", limit=10)
+            rows = list_items(session, "jsshop", region="eu")
+            fetches = {f.url: f.error for f in list_fetches(session, run.id)}
+        assert run.status == "succeeded", run.error
+        assert {(r.data["sku"], r.data["name"], r.data["price"]) for r in rows} == site.expected()
+        assert run.stats["peak_rss"] > 200 * 2**20, run.stats  # the browser's tree, not the child
+        assert REFUSED in (fetches.get(f"{trap.url}/e2e") or ""), fetches
+    assert "/e2e" not in trap.hits
