@@ -8,6 +8,7 @@ source holds no product and no link, so only a browser sees them.
     /list/<n>         JS renders PER_PAGE products from /api/list/<n>.json
     /leak?to=URL      JS fetch()es URL (an address outside allow_hosts) and renders
                       a product only if that fetch succeeded
+    /socket?to=URL    JS opens a WebSocket to URL
     /bounce?to=URL    302 to URL
     /big              a page whose script fetches /api/big.json (over max_bytes)
     /hang             answers only after HANG_SECONDS (or when `hanging` is set)
@@ -133,6 +134,14 @@ class _Handler(BaseHTTPRequestHandler):
                 "Leak",
                 f"fetch({target}).then(r => r.json())"
                 ".then(render, () => render({products: [], links: []}));",
+            )
+        elif path == "/socket":
+            target = json.dumps(query["to"])
+            self._page(
+                "Socket",
+                f"const ws = new WebSocket({target});"
+                "ws.onmessage = e => render(JSON.parse(e.data));"
+                "ws.onerror = ws.onclose = () => render({products: [], links: []});",
             )
         elif path == "/bounce":
             self._send(302, b"", "text/plain", Location=query["to"])

@@ -311,13 +311,14 @@ def test_browser_extracts_js_rendered_products_scrapy_none(
 def guarded(site: BrowserSite, trap: Trap) -> Iterator[BrowserRun]:
     """One crawl of three hostile pages (each test below reads its own page's part):
     a script fetch()ing the trap, the same through a redirect, a response over max_bytes,
-    a page that never answers."""
+    a page that never answers, a WebSocket to the trap."""
     assert trap.hits == [], trap.hits
     start_urls = [
         f"{site.url}/leak?to={trap.url}/steal",
         f"{site.url}/leak?to={site.url}/bounce?to={trap.url}/via-redirect",
         f"{site.url}/big",
         f"{site.url}/hang",
+        f"{site.url}/socket?to={trap.url.replace('http:', 'ws:')}/ws",
     ]
     # timeout: generous for pages that do load on a loaded machine; /hang never does
     limits = {"max_bytes": "1MB", "timeout": "20s"}
@@ -387,7 +388,8 @@ def test_a_50_page_browser_crawl_stops_at_max_pages_within_its_memory_bound(
 def test_a_killed_crawl_takes_its_browser_with_it(site: BrowserSite) -> None:
     """The runner's kill (timeout, or the worker dying) SIGKILLs the crawl child's
     process group; Chromium runs in its own session, and still must not survive."""
-    job = make_job(site, start_urls=[f"{site.url}/hang"], follow=None, limits={"timeout": "5m"})
+    hang = f"/hang?kill={uuid.uuid4().hex}"
+    job = make_job(site, start_urls=[site.url + hang], follow=None, limits={"timeout": "5m"})
     proc = runner.spawn_child()
     assert proc.stdin is not None
     proc.stdin.write(job.model_dump_json().encode())
@@ -397,7 +399,7 @@ def test_a_killed_crawl_takes_its_browser_with_it(site: BrowserSite) -> None:
             lambda: {
                 pid: start
                 for pid, start in _descendants(proc.pid).items()
-                if "chrom" in _exe(pid) and "/hang" in "".join(site.hits[-1:])
+                if "chrom" in _exe(pid) and hang in site.hits
             },
             timeout=120,
             what="Chromium loading /hang below the crawl child",
@@ -410,6 +412,14 @@ def test_a_killed_crawl_takes_its_browser_with_it(site: BrowserSite) -> None:
         timeout=30,
         what=f"browser processes {sorted(tree)} to exit after their crawl was killed",
     )
+
+
+def test_a_websocket_outside_allow_hosts_is_refused_and_recorded(
+    guarded: BrowserRun, trap: Trap
+) -> None:
+    ws = trap.url.replace("http:", "ws:") + "/ws"
+    assert "/ws" not in trap.hits
+    assert REFUSED in (guarded.errors().get(ws) or ""), guarded.errors()
 
 
 def test_limits_timeout_holds_for_a_page_that_never_loads(
