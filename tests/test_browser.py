@@ -212,6 +212,34 @@ def test_browser_settings_need_engine_browser() -> None:
             Config.model_validate({"regions": {"eu": None}, "sites": [entry]})
 
 
+def test_check_reports_browser_mistakes_as_file_line(tmp_path: Path) -> None:
+    from scheduler.check import check
+
+    path = tmp_path / "sites.yaml"
+    path.write_text(
+        "regions: {eu: {}}\n"
+        "sites:\n"
+        "  - name: js\n"
+        "    regions: [eu]\n"
+        "    engine: browser\n"
+        "    start_urls: ['http://example.com/']\n"
+        "    browser: {wait_for: 'li[', wait: 2s}\n"
+        "    extract: {fields: {t: {css: 'title::text'}}}\n"
+        "  - name: plain\n"
+        "    regions: [eu]\n"
+        "    start_urls: ['http://example.com/']\n"
+        "    browser: {wait: 2s}\n"
+        "    extract: {fields: {t: {css: 'title::text'}}}\n"
+    )
+    code, text = check(path)
+    assert code != 0
+    assert text.splitlines() == [
+        f"{path}:7: site 'js': browser.wait_for: invalid CSS selector 'li[':"
+        " Expected ident or '*', got <EOF at 3>",
+        f"{path}:9: site 'plain': 'browser' settings need 'engine: browser'",
+    ]
+
+
 def test_a_job_without_browser_settings_still_validates() -> None:
     from scheduler.config import ResolvedSite
 
