@@ -6,6 +6,13 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Regions with `engine: browser` sites need Chromium: build with --build-arg CHROMIUM=1.
+ARG CHROMIUM=0
+RUN if [ "$CHROMIUM" = 1 ]; then \
+      apt-get update && apt-get install -y --no-install-recommends chromium \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY regions ./regions

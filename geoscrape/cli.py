@@ -105,10 +105,13 @@ def worker(
     from regions.bus import check_broker
     from regions.worker import check_region, run_worker
     from scheduler.loader import load_config
+    from scraper.chromium import check_browser_sites
     from scraper.code import CodeCache
     from scraper.runner import run_job
 
-    check_region(region, list(load_config(config).regions))
+    sites = load_config(config)
+    check_region(region, list(sites.regions))
+    check_browser_sites(sites, region)  # a missing Chromium: one line now, not failed crawls
     check_broker()
     # Deployed code bundles, fetched once from the central API (docs/PROJECTS.md).
     code = CodeCache.from_env(region)

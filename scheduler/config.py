@@ -211,6 +211,24 @@ class Extract(_Model):
         return self
 
 
+BlockType = Literal["images", "fonts", "media", "stylesheets"]
+
+
+class Browser(_Model):
+    """`engine: browser` only: how long to let a page's scripts render it."""
+
+    wait_for: str | None = None  # CSS selector that must appear (within limits.timeout)
+    wait: Duration = 0.0  # then let scripts run this much longer
+    block: list[BlockType] = []  # resource types never fetched (saves time and bytes)
+
+    @field_validator("wait")
+    @classmethod
+    def _wait_not_negative(cls, wait: float) -> float:
+        if wait < 0:
+            raise ValueError("'wait' must not be negative")
+        return wait
+
+
 class Defaults(_Model):
     schedule: Schedule | None = None
     politeness: Politeness = Politeness()
@@ -225,7 +243,7 @@ class Site(_Model):
     name: str = Field(pattern=NAME_PATTERN)
     start_urls: list[str] = []
     regions: list[str] = Field(min_length=1)
-    engine: Literal["scrapy", "requests"] = "scrapy"
+    engine: Literal["scrapy", "requests", "browser"] = "scrapy"
     # An existing Scrapy spider: "package.module:SpiderClass" (or a dotted
     # path), or with `project` also a spider name of that project.
     spider: str | None = None
@@ -240,6 +258,7 @@ class Site(_Model):
     # directory with scrapy.cfg, a settings module, or "deployed:NAME".
     project: str | None = None
     spider_args: SpiderArgs = {}  # passed to the spider, as `scrapy crawl -a`
+    browser: Browser | None = None  # engine 'browser' only
 
     @model_validator(mode="after")
     def _runnable(self) -> Site:
@@ -263,6 +282,10 @@ class Site(_Model):
                 )
         if self.engine == "requests" and self.follow is not None:
             raise ValueError("engine 'requests' fetches the listed URLs only; drop 'follow'")
+        if self.browser is not None and self.engine != "browser":
+            raise ValueError("'browser' settings need 'engine: browser'")
+        if self.engine == "browser" and self.spider is not None:
+            raise ValueError("engine 'browser' runs the generic spider; drop 'spider'")
         return self
 
     @field_validator("regions")
@@ -287,8 +310,9 @@ class ResolvedSite(_Model):
 
     name: str
     start_urls: list[str]
-    engine: Literal["scrapy", "requests"]
+    engine: Literal["scrapy", "requests", "browser"]
     spider: str | None
+    browser: Browser = Browser()  # used by engine 'browser' only
     follow: Follow | None
     extract: Extract | None
     politeness: Politeness
@@ -356,6 +380,7 @@ class Config(_Model):
             start_urls=site.start_urls,
             engine=site.engine,
             spider=site.spider,
+            browser=site.browser or Browser(),
             follow=site.follow,
             extract=site.extract,
             politeness=politeness,

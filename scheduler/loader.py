@@ -431,6 +431,7 @@ def _cross_checks(data: Any, lines: Mapping[Loc, int]) -> list[_Issue]:
         if isinstance(declared, dict) and declared:
             issues += _undeclared_regions(site, loc, list(declared), lines)
         issues += _bad_selectors(site, loc, lines)
+        issues += _bad_wait_for(site, loc, lines)
     return issues
 
 
@@ -471,6 +472,16 @@ def _bad_selectors(site: dict[str, Any], loc: Loc, lines: Mapping[Loc, int]) -> 
         if problem:
             issues.append(_Issue(selector_loc, lines[selector_loc], problem))
     return issues
+
+
+def _bad_wait_for(site: dict[str, Any], loc: Loc, lines: Mapping[Loc, int]) -> list[_Issue]:
+    """`browser.wait_for` is a CSS selector too (run by Chromium, so no ::text)."""
+    browser = site.get("browser")
+    if not isinstance(browser, dict) or not isinstance(browser.get("wait_for"), str):
+        return []
+    selector_loc = (*loc, "browser", "wait_for")
+    problem = _css_problem(browser["wait_for"])
+    return [_Issue(selector_loc, lines[selector_loc], problem)] if problem else []
 
 
 def _css_problem(selector: str) -> str | None:

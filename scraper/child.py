@@ -57,6 +57,10 @@ def run_job(job: Job, recorder: Recorder) -> None:
             from scraper import requests_engine
 
             note = requests_engine.run(site, recorder)
+        elif site.engine == "browser":
+            from scraper import browser_engine
+
+            note = browser_engine.run(site, recorder)
         else:
             from scraper import scrapy_engine
 

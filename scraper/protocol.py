@@ -141,6 +141,7 @@ class Recorder:
         self.first_error: Fetch | None = None
         self.limits_hit: list[str] = []  # crawl-wide limits that cut the run short
         self.notes: list[str] = []  # warnings kept on the run (e.g. overridden settings)
+        self.tree_peak_rss = 0  # set by an engine that runs helper processes (browser)
         self._done = False
 
     def _write(self, line: str) -> None:
@@ -208,7 +209,8 @@ class Recorder:
             if self._done:
                 return
             self._done = True
-            stats = self.stats.snapshot().model_copy(update={"peak_rss": peak_rss()})
+            rss = max(peak_rss(), self.tree_peak_rss)
+            stats = self.stats.snapshot().model_copy(update={"peak_rss": rss})
             self._write(encode_done(status, error, stats))
 
 

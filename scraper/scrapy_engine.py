@@ -364,28 +364,37 @@ class CrawlCrashed(ScraperError):
     """The Scrapy crawl itself failed (not a page: the engine or the spider setup)."""
 
 
-def run(site: ResolvedSite, recorder: Recorder, project: str | None = None) -> str | None:
+def run(
+    site: ResolvedSite,
+    recorder: Recorder,
+    project: str | None = None,
+    *,
+    settings: dict[str, Any] | None = None,
+) -> str | None:
     """Run the crawl to completion (blocks; once per process: the reactor can't restart).
 
-    `project` (a deployed bundle's directory) stands in for `site.project`.
+    `project` (a deployed bundle's directory) stands in for `site.project`;
+    `settings` replaces `settings_for(site)` (engine browser passes its own).
     Returns a note explaining an empty run, or None; raises CrawlCrashed.
     """
     global _recorder, _guard
     project = project or site.project
     spider_cls: type[scrapy.Spider] = SiteSpider
     spider_kwargs: dict[str, Any] = {"site": site}
-    settings: Settings | dict[str, Any] = settings_for(site)
+    crawl_settings: Settings | dict[str, Any] = (
+        settings if settings is not None else settings_for(site)
+    )
     if project is not None:
-        settings = load_settings(project)
+        crawl_settings = load_settings(project)
     if site.spider is not None:
-        project_settings = settings if isinstance(settings, Settings) else None
+        project_settings = crawl_settings if isinstance(crawl_settings, Settings) else None
         spider_cls, spider_kwargs = spider_class(site.spider, project_settings), site.spider_args
     key_field = site.extract.key if site.extract is not None else None
 
     _recorder = recorder
     _guard = Guard.for_site(site)
     logging.root.handlers.clear()  # Scrapy installs its own stderr handler (LOG_LEVEL)
-    process = CrawlerProcess(settings)
+    process = CrawlerProcess(crawl_settings)
     crawler = process.create_crawler(spider_cls)
     if project is not None:
         # After the spider's custom_settings (applied by create_crawler), before the crawl.

@@ -254,7 +254,7 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
             BASE.replace("    regions: [eu, us]\n", "    regions: [eu, us]\n    colour: red\n"),
             "sites.yaml:8: site 'shop': colour: unknown key (expected one of: name, start_urls,"
             " regions, engine, spider, schedule, follow, extract, politeness, limits,"
-            " allow_hosts, allow_networks, project, spider_args)",
+            " allow_hosts, allow_networks, project, spider_args, browser)",
             id="site",
         ),
         pytest.param(
@@ -295,7 +295,8 @@ def test_site_without_name_is_labelled_by_index() -> None:
 def test_value_errors_show_the_offending_value() -> None:
     text = BASE.replace("    regions: [eu, us]\n", "    regions: [eu, us]\n    engine: curl\n")
     assert errors(text) == [
-        "sites.yaml:8: site 'shop': engine: Input should be 'scrapy' or 'requests' (got 'curl')"
+        "sites.yaml:8: site 'shop': engine: Input should be"
+        " 'scrapy', 'requests' or 'browser' (got 'curl')"
     ]
 
 
