@@ -50,12 +50,16 @@ def worker(
 ) -> None:
     """Run a regional worker: consume only `scrape.<region>` and crawl its jobs."""
     from regions.bus import check_broker
+    from regions.egress import RegionEgress
     from regions.worker import check_region, run_worker
     from scheduler.loader import load_config
 
-    check_region(region, list(load_config(config).regions))
+    loaded = load_config(config)
+    check_region(region, list(loaded.regions))
     check_broker()
-    run_worker(region, concurrency=concurrency)
+    # Worker-local: proxy credentials come from this machine's config, never a job.
+    egress = RegionEgress(loaded.egress(region), loaded.geoip)
+    run_worker(region, concurrency=concurrency, egress=egress)
 
 
 @app.command()
@@ -112,13 +116,14 @@ def runs(
     region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
     status: Annotated[str | None, typer.Option(help="Only runs in this status.")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 50,
+    format: Annotated[output.Format, typer.Option("--format", "-f")] = output.Format.table,
 ) -> None:
-    """List recent runs, newest first."""
+    """List recent runs, newest first (json: with each run's egress attestation)."""
     from storage.queries import list_runs
 
     with sessions()() as session:
         rows = list_runs(session, site=site, region=region, status=status, limit=limit)
-    output.print_runs(out, rows)
+    output.print_runs(out, rows, format)
 
 
 @app.command()

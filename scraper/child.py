@@ -17,6 +17,7 @@ from typing import IO
 
 from regions.messages import Job
 from scheduler.config import ResolvedSite
+from scraper.egress import ChildEgress, Exits, from_env
 from scraper.errors import ScraperError
 from scraper.protocol import Recorder
 
@@ -37,8 +38,13 @@ def crash_summary(exc: BaseException) -> str:
     return text[:500]
 
 
-def run_job(job: Job, recorder: Recorder) -> None:
-    """Run the job's engine and write the final "done" event."""
+def run_job(job: Job, recorder: Recorder, exits: Exits | None = None) -> None:
+    """Run the job's engine and write the final "done" event.
+
+    `exits`: the worker's verified egress (scraper.egress); a per-run crawl
+    whose exit failed ends failed with the proxy error.
+    """
+    exits = exits or Exits(ChildEgress())
     try:
         site = ResolvedSite.model_validate(job.config)
         log.info("run %s: site %s, engine %s", job.run_id, site.name, site.engine)
@@ -46,8 +52,8 @@ def run_job(job: Job, recorder: Recorder) -> None:
             from scraper import requests_engine as engine
         else:
             from scraper import scrapy_engine as engine  # type: ignore[no-redef]
-        note = engine.run(site, recorder)
-        status, error = recorder.outcome(note=note)
+        note = engine.run(site, recorder, exits)
+        status, error = recorder.outcome(crash=exits.failure, note=note)
     except Exception as exc:
         log.exception("run %s crashed", job.run_id)
         status, error = recorder.outcome(crash=crash_summary(exc))
@@ -69,7 +75,7 @@ def main() -> int:
         log.error("no valid job on stdin: %s", exc)
         recorder.done("failed", f"no valid job on stdin: {crash_summary(exc)}")
         return 2
-    run_job(job, recorder)
+    run_job(job, recorder, from_env())
     proto.close()
     return 0
 

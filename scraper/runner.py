@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 import scraper
 from regions.messages import (
+    EgressAttestation,
     Fetch,
     Job,
     RunFinished,
@@ -40,6 +41,7 @@ from regions.messages import (
     utcnow,
 )
 from scraper.batching import Batcher
+from scraper.egress import EGRESS_ENV, ChildEgress
 from scraper.protocol import Done, ProtocolError, StatsTracker, decode_event
 
 log = logging.getLogger(__name__)
@@ -92,22 +94,28 @@ def _child_setup(parent_pid: int) -> Callable[[], None] | None:
     return setup
 
 
-def _child_env() -> dict[str, str]:
-    """The environment of the child: ours, plus this checkout on PYTHONPATH."""
+def _child_env(egress: ChildEgress | None = None) -> dict[str, str]:
+    """The environment of the child: ours, plus this checkout on PYTHONPATH.
+
+    The egress exits travel here, not in the Job: proxy URLs hold credentials.
+    """
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(scraper.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.pop(EGRESS_ENV, None)
+    if egress is not None:
+        env[EGRESS_ENV] = egress.model_dump_json()
     return env
 
 
-def spawn_child() -> subprocess.Popen[bytes]:
+def spawn_child(egress: ChildEgress | None = None) -> subprocess.Popen[bytes]:
     """`python -m scraper.child` in its own process group, tied to our life."""
     return subprocess.Popen(
         [sys.executable, "-m", CHILD_MODULE],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_child_env(),
+        env=_child_env(egress),
         process_group=0,
         preexec_fn=_child_setup(os.getpid()),
         close_fds=True,
@@ -182,6 +190,8 @@ def run_job(
     progress_seconds: float = 1.0,
     timeout: float | None = None,
     on_started: Callable[[], None] | None = None,
+    egress: ChildEgress | None = None,
+    attestation: EgressAttestation | None = None,
 ) -> RunFinished:
     """Run one job in a crawl child, publishing its messages; returns the RunFinished.
 
@@ -193,6 +203,8 @@ def run_job(
     exception from `publish` kills the child and propagates. `on_started` is
     called once RunStarted is published, before the crawl process starts (the
     worker acks the job there: from then on the run's lease covers it).
+    `egress`: the exits the crawl goes out through (scraper.egress), given to
+    the child privately; `attestation`: what RunStarted records about them.
     """
     clock = time.monotonic
     if timeout is None:
@@ -207,6 +219,7 @@ def run_job(
             worker=worker,
             started_at=utcnow(),
             attempt=job.attempt,
+            egress=attestation,
         )
     )
     if on_started is not None:
@@ -221,7 +234,7 @@ def run_job(
     stop_reading = threading.Event()
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
 
-    proc = spawn_child()
+    proc = spawn_child(egress)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     readers = [
         threading.Thread(target=_pump_lines, args=(proc.stdout, events, stop_reading), daemon=True),
