@@ -191,8 +191,12 @@ def is_proxy_error(exc: BaseException) -> bool:
     """The proxy itself failed (down, refusing, tunnel refused), not the target."""
     if isinstance(exc, requests.exceptions.ProxyError):
         return True
-    # PySocks: "Error connecting to SOCKS5 proxy host:port: [Errno 111] ..."
-    return isinstance(exc, requests.ConnectionError) and "proxy" in str(exc).lower()
+    if not isinstance(exc, requests.ConnectionError):
+        return False
+    # Through SOCKS, a socket error ("[Errno 111] ...") is on the way to the proxy;
+    # the proxy's own answers about the target are SOCKS codes ("0x05: ...").
+    text = str(exc)
+    return "proxy" in text.lower() or ("SOCKS" in text and "[Errno" in text)
 
 
 def run(site: ResolvedSite, recorder: Recorder, exits: Exits | None = None) -> str | None:
