@@ -106,7 +106,7 @@ def egress_gate(egress: RegionEgress, queue: str) -> type[bootsteps.StartStopSte
             self.tref: Any = None
 
         def start(self, c: Any) -> None:
-            self.consuming = c.task_consumer.consuming_from(queue)
+            self.consuming = True  # the worker starts with --queues=<queue>
             self.tick(c)
             self.tref = c.timer.call_repeatedly(GATE_INTERVAL, self.tick, (c,), priority=10)
 
