@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -172,7 +173,9 @@ class RegionEgress:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.changed = threading.Event()  # set after every verification round
+        # Called after a round that changed an exit's verdict (the worker sends
+        # a heartbeat then, so `geoscrape status` need not wait for the next one).
+        self.on_change: Callable[[], object] | None = None
 
     @property
     def verifying(self) -> bool:
@@ -182,12 +185,15 @@ class RegionEgress:
         """One verification round over every exit (no-op without `verify`)."""
         if self.verifier is None:
             return
+        changed = False
         for state in self.states:
             probe = ExitState(**{**state.__dict__, "countries": dict(state.countries)})
             self.verifier.check(probe)
             with self._lock:
+                changed |= (probe.verified, probe.reason) != (state.verified, state.reason)
                 state.__dict__.update(probe.__dict__)
-        self.changed.set()
+        if changed and self.on_change is not None:
+            self.on_change()
 
     def usable(self) -> list[ExitState]:
         """The exits a job may use now: the verified ones, or all when not verifying."""

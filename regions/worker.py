@@ -208,9 +208,9 @@ def run_worker(
     app = worker_app(region, url, egress)
     wait_for_topology(app.conf.broker_url, region)
     heartbeat = Heartbeat(app.conf.broker_url, region, exits=egress.reports).start()
+    egress.on_change = heartbeat.beat  # a verdict that changed is reported at once
     try:
         egress.start()
-        heartbeat.beat()  # the first verification's verdict, without waiting a period
         _worker_main(app, region, concurrency)
     finally:
         egress.stop()

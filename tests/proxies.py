@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -36,9 +38,10 @@ class Proxy:
         return f"{self.kind}://{auth}{self.host}:{self.port}"
 
     def stop(self) -> None:
-        """Kill this proxy (and only it: we started it, we know its PID)."""
+        """Kill this proxy and its own children: the process group we started it as."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
 
     def requests_log(self) -> str:
@@ -91,6 +94,7 @@ def start_tinyproxy(
         stdout=subprocess.DEVNULL,
         stderr=log.open("ab"),
         stdin=subprocess.DEVNULL,
+        process_group=0,  # `ip netns exec` execs the proxy: its PID leads the group
     )
     wait_listening(host.address, port, proc, log)
     return Proxy("http", host.address, port, proc, log)
@@ -119,6 +123,7 @@ def start_dante(host: RegionHost, workdir: Path, port: int) -> Proxy:
         stdout=subprocess.DEVNULL,
         stderr=log.open("ab"),
         stdin=subprocess.DEVNULL,
+        process_group=0,  # dante forks its workers: they go with the group
     )
     wait_listening(host.address, port, proc, log)
     return Proxy("socks5", host.address, port, proc, log)

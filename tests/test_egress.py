@@ -254,10 +254,16 @@ def test_regions_through_verified_proxy_exits(
                        what="eu and us exits verified")  # fmt: skip
             assert "asia" not in {r for r, e in exits_of(s).items() if e}
 
-            crawl = s.cli("crawl", "geo", "--wait", "--timeout", "120", timeout=180)
-            assert crawl.returncode == 0, crawl.stdout + crawl.stderr
-            crawl = s.cli("crawl", "geo-scrapy", "--wait", "--timeout", "120", timeout=180)
-            assert crawl.returncode == 0, crawl.stdout + crawl.stderr
+            for name in ("geo", "geo-scrapy"):
+                crawl = s.cli("crawl", name)
+                assert crawl.returncode == 0, crawl.stdout + crawl.stderr
+            wait_until(
+                lambda: (
+                    [r.status for r in runs(s, "geo") + runs(s, "geo-scrapy")] == ["succeeded"] * 4
+                ),
+                timeout=120,
+                what="4 runs succeeded",
+            )
 
             # The shop saw the proxies' addresses for eu and us; asia came direct.
             seen = Counter(catalog.region_of(addr) or addr for addr, _ in shop.access_log)
