@@ -19,7 +19,7 @@ import threading
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.config import redact_proxy
 
@@ -28,7 +28,9 @@ EGRESS_ENV = "GEOSCRAPE_EGRESS"
 
 class Exit(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    proxy: str | None  # None: the worker's own network (a verified direct region)
+    # None: the worker's own network (a verified direct region). Never logged:
+    # it holds the credentials; `label` is the redacted form.
+    proxy: str | None = Field(repr=False)
     address: str | None = None  # its verified public address
 
     @property
@@ -97,10 +99,11 @@ class Exits:
                 self._live.remove(exit_)
             message = f"egress proxy {exit_.label} failed: {error}"
             if self.rotate == "per-run":
-                self.failure = self.failure or message
                 self._live.clear()  # per-run: the crawl ends with its exit
+            if not self._live:
+                self.failure = self.failure or message
                 return False
-            return bool(self._live)
+            return True
 
 
 def from_env() -> Exits:

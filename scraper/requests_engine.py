@@ -279,11 +279,12 @@ def _fetch_through(
         if failure is None:
             return True
         assert exit_ is not None  # a proxy failure needs a proxy
-        if not exits.failed(exit_, short_error(failure)):
-            log.warning("%s: %s, no exit left", url, failure)
-            recorder.fetch(Fetch(url=url, status=None, error=short_error(failure)))
+        reason = short_error(failure)
+        if not exits.failed(exit_, reason):
+            log.warning("%s: exit %s failed (%s), no exit left", url, exit_.label, reason)
+            recorder.fetch(Fetch(url=url, status=None, error=reason))
             return False
-        log.warning("%s: exit %s failed (%s): trying the next", url, exit_, failure)
+        log.warning("%s: exit %s failed (%s): trying the next", url, exit_.label, reason)
 
 
 def _get(

@@ -477,3 +477,5 @@ def test_a_proxy_killed_mid_crawl(
                 assert f"http://geo:***@{eu.address}:18410" in run.error
                 assert PASSWORD not in run.error
                 assert 0 < len(shop.access_log) < PRODUCTS
+            s.stop_all()
+            assert PASSWORD not in s.logs()

@@ -149,8 +149,10 @@ def test_exits_fail_closed() -> None:
     assert rotating.failed(a, "Connection refused") is True
     assert rotating.pick() == b
     assert rotating.failed(b, "Connection refused") is False
+    assert rotating.failure == "egress proxy http://10.0.0.2:1 failed: Connection refused"
     with pytest.raises(NoExitLeft):
         rotating.pick()
+    assert "pw" not in repr(a) and "pw" not in str(a)  # a log line of an exit shows no password
     sticky = Exits(ChildEgress(rotate="per-run", exits=[a, b]))
     assert sticky.pick() == a and sticky.pick() == a
     assert sticky.failed(a, "Proxy error") is False
