@@ -160,3 +160,28 @@ def test_exits_fail_closed() -> None:
     with pytest.raises(NoExitLeft):
         sticky.pick()
     assert Exits(ChildEgress()).pick() is None  # no egress: the direct network, as before
+
+
+def test_scrapy_egress_middleware_fails_over_and_fails_closed() -> None:
+    from scrapy.http import Request
+    from twisted.internet.error import ConnectionRefusedError
+
+    from scraper.scrapy_engine import EXIT_META, EgressMiddleware, EgressRefused
+
+    a = Exit(proxy="http://u:pw@10.0.0.1:3128", address="203.0.113.1")
+    b = Exit(proxy="http://10.0.0.2:3128", address="203.0.113.2")
+    rotating = EgressMiddleware(Exits(ChildEgress(rotate="per-request", exits=[a, b])))
+    request = Request("http://shop.example/p/1", meta={"proxy": "http://spider-own:1"})
+    rotating.process_request(request)
+    assert (request.meta["proxy"], request.meta[EXIT_META]) == (a.proxy, a)  # spider's replaced
+    retry = rotating.process_exception(request, ConnectionRefusedError())
+    assert retry is not None and "proxy" not in retry.meta and retry.dont_filter
+    rotating.process_request(retry)
+    assert retry.meta["proxy"] == b.proxy  # the other exit, never the direct network
+
+    sticky = EgressMiddleware(Exits(ChildEgress(rotate="per-run", exits=[a, b])))
+    first = Request("http://shop.example/p/1")
+    sticky.process_request(first)
+    assert sticky.process_exception(first, ConnectionRefusedError()) is None
+    with pytest.raises(EgressRefused, match="no egress exit left"):
+        sticky.process_request(Request("http://shop.example/p/2"))
