@@ -149,6 +149,8 @@ class Verifier:
 
     def problem(self, address: str, countries: dict[str, str | None]) -> str | None:
         ip = ipaddress.ip_address(address)
+        if not countries:  # fail closed: nothing to check the country against
+            return "no geoip database to check the country against"
         if self.networks and not any(ip in net for net in self.networks):
             nets = ", ".join(str(n) for n in self.networks)
             return f"address {address} is outside the allowed networks ({nets})"

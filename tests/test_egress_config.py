@@ -124,6 +124,10 @@ def test_every_database_must_agree_and_know_the_address(geoip: Path, tmp_path: P
     assert unknown.problem("192.0.2.1", unknown.countries("192.0.2.1")) == (
         "address 192.0.2.1 is unknown to geoip database Other.mmdb"
     )
+    blind = Verifier(Egress(verify=unknown.verify), None)
+    assert blind.problem("203.0.113.7", blind.countries("203.0.113.7")) == (
+        "no geoip database to check the country against"
+    )
 
 
 def test_a_verified_region_with_no_verified_exit_offers_no_job() -> None:
