@@ -108,15 +108,19 @@ def worker(
     from scraper.chromium import check_browser_sites
     from scraper.code import CodeCache
     from scraper.runner import run_job
+    from scraper.verify import RegionEgress
 
-    sites = load_config(config)
-    check_region(region, list(sites.regions))
-    check_browser_sites(sites, region)  # a missing Chromium: one line now, not failed crawls
+    loaded = load_config(config)
+    check_region(region, list(loaded.regions))
+    check_browser_sites(loaded, region)  # a missing Chromium: one line now, not failed crawls
     check_broker()
     # Deployed code bundles, fetched once from the central API (docs/PROJECTS.md).
     code = CodeCache.from_env(region)
+    # Worker-local: proxy credentials come from this machine's config, never a job.
+    egress = RegionEgress(loaded.egress(region), loaded.geoip)
     # The crawl runner is handed down: regions sits below scraper and never imports it.
-    run_worker(region, functools.partial(run_job, code=code.path), concurrency=concurrency)
+    runner = functools.partial(run_job, code=code.path)
+    run_worker(region, runner, concurrency=concurrency, egress=egress)
 
 
 @app.command()
@@ -177,13 +181,14 @@ def runs(
     region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
     status: Annotated[str | None, typer.Option(help="Only runs in this status.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100_000)] = 50,
+    format: Annotated[output.Format, typer.Option("--format", "-f")] = output.Format.table,
 ) -> None:
-    """List recent runs, newest first."""
+    """List recent runs, newest first (json: with each run's egress attestation)."""
     from storage.queries import list_runs
 
     with sessions()() as session:
         rows = list_runs(session, site=site, region=region, status=status, limit=limit)
-    output.print_runs(out, rows)
+    output.print_runs(out, rows, format)
 
 
 @app.command()

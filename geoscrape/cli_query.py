@@ -40,6 +40,10 @@ FieldOption = Annotated[
     list[str] | None, typer.Option("--field", help="Only this field (repeatable).")
 ]
 FormatOption = Annotated[ViewFormat, typer.Option("--format", "-f")]
+VerifiedOnlyOption = Annotated[
+    bool,
+    typer.Option("--verified-only", help="Leave out runs whose egress was not verified."),
+]
 SiteArg = Annotated[str, typer.Argument(help="The site's name.")]
 
 
@@ -76,6 +80,7 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--only-diff", help="Only keys that differ or are missing.")
         ] = False,
         format: FormatOption = ViewFormat.table,
+        verified_only: VerifiedOnlyOption = False,
     ) -> None:
         """Compare SITE across regions: one row per key, one column per region per field."""
         from geoscrape.query_views import print_compare
@@ -85,7 +90,14 @@ def register(app: typer.Typer) -> None:
         if latest and run_tick is not None:
             raise QueryError("give either --run-tick or --latest, not both")
         with sessions()() as session:
-            result = run_compare(session, site, fields=field, tick=run_tick, only_diff=only_diff)
+            result = run_compare(
+                session,
+                site,
+                fields=field,
+                tick=run_tick,
+                only_diff=only_diff,
+                verified_only=verified_only,
+            )
         if format is ViewFormat.json:
             print_json(result)
         elif format is ViewFormat.csv:
@@ -111,13 +123,16 @@ def register(app: typer.Typer) -> None:
         rounds: Annotated[int, typer.Option(min=1, help="Newest rounds of runs to show.")] = 5,
         region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
         format: FormatOption = ViewFormat.table,
+        verified_only: VerifiedOnlyOption = False,
     ) -> None:
         """Access verdicts of SITE per region and round: ok, geo-blocked, blocked-everywhere..."""
         from geoscrape.query_views import print_access
         from storage.access import access as run_access
 
         with sessions()() as session:
-            result = run_access(session, site, rounds=rounds, region=region)
+            result = run_access(
+                session, site, rounds=rounds, region=region, verified_only=verified_only
+            )
         if format is ViewFormat.json:
             print_json(result)
         elif format is ViewFormat.csv:

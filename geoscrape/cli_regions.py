@@ -8,7 +8,7 @@ import sys
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -125,6 +125,31 @@ def _queue_depths(regions: list[str]) -> dict[str, tuple[int, int] | None] | Non
         return None
 
 
+def _print_exits(workers: list[Any], now: Any) -> None:
+    """Per worker and egress exit: address, country per geoip database, verified, why not."""
+    rows = [(w, exit_) for w in workers for exit_ in w.exits or []]
+    if not rows:
+        return
+    table = Table(
+        "region", "worker", "exit", "address", "countries", "verified", "since", "why not",
+        title="Egress exits",
+    )  # fmt: skip
+    for w, e in rows:
+        countries = ", ".join(f"{db}={c or '?'}" for db, c in (e.get("countries") or {}).items())
+        since = e.get("since")
+        table.add_row(
+            w.region,
+            w.name,
+            e.get("proxy", "?"),
+            e.get("address") or "-",
+            countries or "-",
+            "yes" if e.get("verified") else "NO",
+            _ago(datetime.fromisoformat(since), now) if since else "-",
+            e.get("reason") or "",
+        )
+    out.print(table)
+
+
 def status(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Per region: live workers (host, egress), queue depth, last run per site."""
     from regions.heartbeat import LIVE_WITHIN
@@ -162,6 +187,7 @@ def status(config: ConfigOption = DEFAULT_CONFIG) -> None:
             _ago(w.last_seen_at, now),
         )
     out.print(table if workers else f"no live worker (none heard from in {LIVE_WITHIN.seconds}s)")
+    _print_exits(workers, now)
 
     table = Table("region", "site", "status", "when", "pages", "items", "error", title="Last runs")
     for run in runs:

@@ -128,14 +128,15 @@ def _networks() -> list[RegionNet]:
     return found
 
 
-def _used_octets() -> set[int]:
+def _used_octets(base: str = BASE) -> set[int]:
     used = set()
     shown = _ip("-4", "-o", "addr", "show").stdout + _ip("-4", "route", "show").stdout
-    for match in re.finditer(rf"\b{re.escape(BASE)}\.(\d+)\.", shown):
+    for match in re.finditer(rf"\b{re.escape(base)}\.(\d+)\.", shown):
         used.add(int(match.group(1)))
     for net in _networks():
         for subnet in [net.service_subnet, *net.subnets().values()]:
-            used.add(int(subnet.split(".")[2]))
+            if subnet.startswith(base + "."):
+                used.add(int(subnet.split(".")[2]))
     return used
 
 
@@ -150,9 +151,16 @@ def _alive(pid: int) -> bool:
 
 
 def create(
-    regions: Iterable[str], *, tag: str | None = None, persistent: bool = False
+    regions: Iterable[str],
+    *,
+    tag: str | None = None,
+    persistent: bool = False,
+    base: str = BASE,
 ) -> RegionNet:
-    """Create one namespace per region, a bridge and the service address."""
+    """Create one namespace per region, a bridge and the service address.
+
+    `base`: the first two octets of the /16 the /24s are picked from.
+    """
     regions = list(regions)
     if not regions:
         raise NetnsError("no regions to create namespaces for")
@@ -164,23 +172,23 @@ def create(
         _remove_stale_locked()
         if _state_file(tag).exists():
             raise NetnsError(f"region network {tag!r} exists: remove it first ('down')")
-        free = sorted(set(range(1, 255)) - _used_octets())
+        free = sorted(set(range(1, 255)) - _used_octets(base))
         if len(free) < len(regions) + 1:
-            raise NetnsError(f"not enough free /24s in {BASE}.0.0/16")
+            raise NetnsError(f"not enough free /24s in {base}.0.0/16")
         octets = random.sample(free, len(regions) + 1)
         service = octets[0]
         net = RegionNet(
             tag=tag,
             bridge=f"gs{tag}br",
-            service_address=f"{BASE}.{service}.1",
-            service_subnet=f"{BASE}.{service}.0/24",
+            service_address=f"{base}.{service}.1",
+            service_subnet=f"{base}.{service}.0/24",
             hosts={
                 region: RegionHost(
                     region=region,
                     netns=f"gs{tag}-{region}",
-                    address=f"{BASE}.{n}.2",
-                    gateway=f"{BASE}.{n}.1",
-                    subnet=f"{BASE}.{n}.0/24",
+                    address=f"{base}.{n}.2",
+                    gateway=f"{base}.{n}.1",
+                    subnet=f"{base}.{n}.0/24",
                 )
                 for region, n in zip(regions, octets[1:], strict=True)
             },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import enum
 import json
 from collections.abc import Sequence
@@ -41,11 +42,30 @@ def _duration(run: RunRow) -> str:
     return "-"
 
 
-def print_runs(console: Console, runs: Sequence[RunRow]) -> None:
+def _run_record(run: RunRow) -> dict[str, Any]:
+    record = dataclasses.asdict(run)
+    record["verified"] = run.verified
+    return record
+
+
+def print_runs(console: Console, runs: Sequence[RunRow], fmt: Format = Format.table) -> None:
+    if fmt in (Format.json, Format.jsonl):
+        records = [_run_record(r) for r in runs]
+        if fmt is Format.json:
+            console.out(json.dumps(records, default=str, indent=2), highlight=False)
+        for record in records if fmt is Format.jsonl else []:
+            console.out(json.dumps(record, default=str), highlight=False)
+        return
+    if fmt is Format.csv:
+        fields = ["id", "site", "region", "status", "queued_at", "finished_at", "verified", "error"]
+        writer = csv.DictWriter(console.file, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(_run_record(r) for r in runs)
+        return
     if not runs:
         console.print("no runs")
         return
-    table = Table("run", "site", "region", "trigger", "status", "queued", "took")
+    table = Table("run", "site", "region", "trigger", "status", "queued", "took", "egress")
     for name in ("pages", "items", "errors", "code", "error"):
         table.add_column(name, justify="left" if name in ("code", "error") else "right")
     for run in runs:
@@ -59,6 +79,7 @@ def print_runs(console: Console, runs: Sequence[RunRow]) -> None:
             f"[{style}]{run.status}[/]" if style else run.status,
             _when(run.queued_at),
             _duration(run),
+            _egress(run),
             str(stats.get("pages", 0)),
             str(stats.get("items", 0)),
             str(stats.get("errors", 0)),
@@ -99,6 +120,13 @@ def print_items(console: Console, items: Sequence[ItemRow], fmt: Format) -> None
             table.add_row(item.region, item.key, *(_cell(item.data.get(f)) for f in fields))
         console.print(table)
         console.print(f"{len(items)} items")
+
+
+def _egress(run: RunRow) -> str:
+    """`verified`, `unverified`, or `-` for a run from before attestation."""
+    if run.egress is None:
+        return "-"
+    return "verified" if run.verified else "unverified"
 
 
 def _cell(value: Any) -> str:

@@ -57,12 +57,25 @@ def print_compare(console: Console, result: CompareResult) -> None:
     console.print(table)
     runs = ", ".join(f"{r.region}={(r.run_id or '-')[:8]}" for r in result.runs)
     console.print(f"{result.total} keys; runs: {runs}", highlight=False)
+    _print_unverified(console, result.unverified, result.verified_only)
     summary = Table("field", "type", "differing", *(f"missing@{r}" for r in result.regions))
     for s in result.summary:
         summary.add_row(
             s.field, s.type, str(s.differing), *(str(s.missing[r]) for r in result.regions)
         )
     console.print(summary)
+
+
+def _print_unverified(console: Console, regions: list[str], verified_only: bool) -> None:
+    if regions:
+        console.print(
+            f"unverified egress: the rows of {', '.join(regions)} come from runs whose exit "
+            "was not verified (--verified-only leaves them out)",
+            highlight=False,
+            markup=False,
+        )
+    elif verified_only:
+        console.print("verified only: runs with unverified egress left out", highlight=False)
 
 
 def print_access(console: Console, result: AccessResult) -> None:
@@ -78,6 +91,7 @@ def print_access(console: Console, result: AccessResult) -> None:
             cells.append(f"[{style}]{c.verdict}[/]\n{codes}")
         table.add_row(*cells)
     console.print(table)
+    _print_unverified(console, result.unverified, result.verified_only)
     for rnd in result.rounds[:1]:
         for c in rnd.cells:
             console.print(f"{c.region}: {c.verdict}: {c.reason}", highlight=False, markup=False)

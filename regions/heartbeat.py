@@ -14,11 +14,12 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from regions.bus import connect, publish_ingest
-from regions.messages import WorkerHeartbeat, dump, utcnow
+from regions.messages import ExitReport, WorkerHeartbeat, dump, utcnow
 
 log = logging.getLogger("geoscrape.heartbeat")
 
@@ -53,8 +54,16 @@ def egress_address(url: str) -> str | None:
 class Heartbeat:
     """Publishes this worker's heartbeats from a daemon thread until stop()."""
 
-    def __init__(self, url: str, region: str, *, interval: float = HEARTBEAT_INTERVAL) -> None:
+    def __init__(
+        self,
+        url: str,
+        region: str,
+        *,
+        interval: float = HEARTBEAT_INTERVAL,
+        exits: Callable[[], list[ExitReport] | None] | None = None,
+    ) -> None:
         self.url = url
+        self.exits = exits  # the egress exits' verification state (scraper/verify.py)
         self.region = region
         self.interval = interval
         self.host = socket.gethostname()
@@ -73,6 +82,7 @@ class Heartbeat:
             host=self.host,
             pid=self.pid,
             egress=egress_address(self.url),
+            exits=self.exits() if self.exits is not None else None,
             started_at=self.started_at,
             sent_at=utcnow(),
             stopping=stopping,

@@ -88,6 +88,7 @@ class Fetch(BaseModel):
     bytes: int = Field(0, ge=0, le=MAX_INT64)
     error: str | None = None
     final_url: str | None = None  # after redirects, when it differs
+    exit: str | None = None  # the public address the request left from, when known
 
 
 class RunQueued(_Message):
@@ -117,6 +118,26 @@ class RunQueued(_Message):
         )
 
 
+class ExitAttestation(BaseModel):
+    """One exit a run used, as verified by its worker (scraper/verify.py)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    proxy: str  # the redacted proxy URL, or "direct" (the worker's own network)
+    address: str | None = None  # the public address the echo service saw
+    country: str | None = None  # what every geoip database agreed on
+    verified: bool = False
+    verified_at: AwareDatetime | None = None
+
+
+class EgressAttestation(BaseModel):
+    """Where a run's traffic left from. `verified`: every exit passed verification."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    verified: bool = False
+    rotate: str = "per-run"
+    exits: list[ExitAttestation] = []
+
+
 class RunStarted(_Message):
     kind: Literal["run_started"] = "run_started"
     run_id: str
@@ -125,6 +146,7 @@ class RunStarted(_Message):
     worker: str
     started_at: AwareDatetime
     attempt: int = Field(1, ge=1, le=1_000_000)  # the Job's attempt, echoed
+    egress: EgressAttestation | None = None  # None: a worker from before attestation
 
 
 class ItemBatch(_Message):
@@ -171,6 +193,19 @@ class RunFinished(_Message):
     error: str | None = None
 
 
+class ExitReport(BaseModel):
+    """The verification state of one exit of a worker, for `geoscrape status`."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    proxy: str  # redacted proxy URL or "direct"
+    address: str | None = None
+    countries: dict[str, str | None] = {}  # geoip database file name -> country (None: unknown)
+    verified: bool = False
+    since: AwareDatetime | None = None  # when `verified` last changed
+    reason: str | None = None  # why not verified
+    latency: float | None = None  # seconds the last verification took
+
+
 class WorkerHeartbeat(_Message):
     """A regional worker saying it is alive (about every 10 s), and once more on shutdown."""
 
@@ -180,6 +215,7 @@ class WorkerHeartbeat(_Message):
     host: str
     pid: int = Field(ge=0)
     egress: str | None = None  # local address of the worker's route to the broker
+    exits: list[ExitReport] | None = None  # verified egress exits (None: direct, unverified)
     started_at: AwareDatetime
     sent_at: AwareDatetime
     stopping: bool = False  # the last heartbeat of a worker shutting down

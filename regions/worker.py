@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.exceptions import Reject
 from celery.worker.request import Request
 from pydantic import BaseModel
@@ -32,7 +32,15 @@ from regions.app import CRAWL_TASK, make_app
 from regions.bus import connect, missing_topology, publish_ingest, redact, scrape_queue_name
 from regions.errors import UnknownRegion
 from regions.heartbeat import Heartbeat, worker_name
-from regions.messages import Job, RunFinished, dump, expired_run, utcnow
+from regions.messages import (
+    EgressAttestation,
+    ExitReport,
+    Job,
+    RunFinished,
+    dump,
+    expired_run,
+    utcnow,
+)
 
 log = logging.getLogger("geoscrape.worker")
 
@@ -97,13 +105,78 @@ class CrawlRunner(Protocol):
         *,
         worker: str,
         on_started: Callable[[], None],
+        egress: Any = None,
+        attestation: EgressAttestation | None = None,
     ) -> RunFinished: ...
 
 
-def worker_app(region: str, run_job: CrawlRunner, url: str | None = None) -> Celery:
-    """A Celery app whose only task crawls jobs of `region` with `run_job`."""
+class Egress(Protocol):
+    """The region's egress exits and their verification (scraper.verify.RegionEgress,
+    handed in by the CLI: regions sits below scraper)."""
+
+    on_change: Callable[[], Any] | None
+
+    def open(self) -> bool:
+        """Is some exit usable now (or is the region direct and unverified)?"""
+
+    def for_job(self) -> tuple[Any, EgressAttestation] | None:
+        """The exits for one crawl and their attestation; None: no verified exit."""
+
+    def reports(self) -> list[ExitReport] | None:
+        """Each exit's verification state, for the heartbeat."""
+
+    def start(self) -> Any: ...
+
+    def stop(self) -> None: ...
+
+
+GATE_INTERVAL = 1.0  # seconds between checks of the egress gate
+
+
+def egress_gate(egress: Egress, queue: str) -> type[bootsteps.StartStopStep]:
+    """A consumer step that consumes `queue` only while some exit is usable.
+
+    It runs in the consumer's event loop (its timer), where touching the
+    consumer is safe; it starts before the loop does, so a region whose exits
+    all failed their first verification never receives a job.
+    """
+
+    class EgressGate(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            self.consuming = True
+            self.tref: Any = None
+
+        def start(self, c: Any) -> None:
+            self.consuming = True  # the worker starts with --queues=<queue>
+            self.tick(c)
+            self.tref = c.timer.call_repeatedly(GATE_INTERVAL, self.tick, (c,), priority=10)
+
+        def tick(self, c: Any) -> None:
+            usable = egress.open()
+            if usable and not self.consuming:
+                log.info("egress verified again: consuming %s", queue)
+                c.add_task_queue(queue)
+            elif not usable and self.consuming:
+                log.warning("no verified egress exit: not consuming %s", queue)
+                c.cancel_task_queue(queue)
+            self.consuming = usable
+
+        def stop(self, c: Any) -> None:
+            if self.tref is not None:
+                self.tref.cancel()
+                self.tref = None
+
+    return EgressGate
+
+
+def worker_app(region: str, run_job: CrawlRunner, egress: Egress, url: str | None = None) -> Celery:
+    """A Celery app whose only task crawls jobs of `region` with `run_job`, through its egress."""
     app = make_app(url, regions=[region], declare=False)
     name = worker_name(region)
+    app.steps["consumer"].add(egress_gate(egress, scrape_queue_name(region)))
 
     # acks_late (app default) keeps the job unacked until the task acks it
     # itself at crawl start (ack_delivery); a wrong-region job can still be
@@ -120,12 +193,20 @@ def worker_app(region: str, run_job: CrawlRunner, url: str | None = None) -> Cel
             with connect(app.conf.broker_url) as conn:
                 publish_ingest(conn, dump(expired_run(job)))
             return
+        plan = egress.for_job()
+        if plan is None:
+            # Fail closed: never run through an unverified exit. Back to the
+            # queue; the gate stops this worker from taking it again meanwhile.
+            log.warning("run %s: no verified egress exit, job requeued", job.run_id)
+            raise Reject("no verified egress exit", requeue=True)
+        child_egress, attestation = plan
         log.info(
-            "run %s: crawling site %r in region %s (attempt %d)",
+            "run %s: crawling site %r in region %s (attempt %d) via %s",
             job.run_id,
             job.site,
             region,
             job.attempt,
+            ", ".join(e.proxy for e in attestation.exits),
         )
         with connect(app.conf.broker_url) as conn:
 
@@ -133,7 +214,14 @@ def worker_app(region: str, run_job: CrawlRunner, url: str | None = None) -> Cel
                 publish_ingest(conn, dump(message))
 
             task_id = str(self.request.id)
-            finished = run_job(job, publish, worker=name, on_started=lambda: ack_delivery(task_id))
+            finished = run_job(
+                job,
+                publish,
+                worker=name,
+                on_started=lambda: ack_delivery(task_id),
+                egress=child_egress,
+                attestation=attestation,
+            )
         log.info(
             "run %s: %s, %d pages, %d items",
             job.run_id,
@@ -146,15 +234,26 @@ def worker_app(region: str, run_job: CrawlRunner, url: str | None = None) -> Cel
 
 
 def run_worker(
-    region: str, run_job: CrawlRunner, *, concurrency: int = 1, url: str | None = None
+    region: str,
+    run_job: CrawlRunner,
+    *,
+    concurrency: int = 1,
+    egress: Egress,
+    url: str | None = None,
 ) -> None:
-    """Run a worker for `region` in the foreground until stopped (SIGTERM/SIGINT)."""
-    app = worker_app(region, run_job, url)
+    """Run a worker for `region` in the foreground until stopped (SIGTERM/SIGINT).
+
+    With a verified `egress`, every exit is verified before the first job.
+    """
+    app = worker_app(region, run_job, egress, url)
     wait_for_topology(app.conf.broker_url, region)
-    heartbeat = Heartbeat(app.conf.broker_url, region).start()
+    heartbeat = Heartbeat(app.conf.broker_url, region, exits=egress.reports).start()
+    egress.on_change = heartbeat.beat  # a verdict that changed is reported at once
     try:
+        egress.start()
         _worker_main(app, region, concurrency)
     finally:
+        egress.stop()
         heartbeat.stop()
 
 

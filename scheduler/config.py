@@ -37,10 +37,105 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+
+
+def _check_proxy_url(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in PROXY_SCHEMES:
+        shown = f"{parts.scheme}:" if parts.scheme else "(none)"
+        raise ValueError(
+            f"proxy scheme {shown} is not one of {', '.join(PROXY_SCHEMES)} "
+            f"(in {redact_proxy(url)!r})"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"bad port in proxy {redact_proxy(url)!r}") from None
+    if not parts.hostname or port is None:
+        raise ValueError(f"proxy {redact_proxy(url)!r} needs a host and a port")
+    return url
+
+
+def redact_proxy(url: str) -> str:
+    """A proxy URL without its password: safe for logs, messages, the store and the API."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}" if user else host))
+
+
+def _check_country(code: str) -> str:
+    import pycountry
+
+    if len(code) != 2 or pycountry.countries.get(alpha_2=code.upper()) is None:
+        raise ValueError(f"{code!r} is not an ISO 3166 alpha-2 country code (e.g. DE, US)")
+    return code.upper()
+
+
+ProxyUrl = Annotated[str, AfterValidator(_check_proxy_url)]
+CountryCode = Annotated[str, AfterValidator(_check_country)]
+
+
+class Verify(_Model):
+    """How a worker proves where its exits leave from (scraper/verify.py)."""
+
+    echo_url: str  # answers with the caller's address: plain text or JSON {"ip": ...}
+    country: CountryCode
+    networks: AllowNetworks = []  # optional: the exit address must be inside one
+    every: Duration = 600.0
+
+    @field_validator("echo_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"echo_url must be an http(s) URL (got {url!r})")
+        return url
+
+    @field_validator("every")
+    @classmethod
+    def _positive(cls, every: float) -> float:
+        if every <= 0:
+            raise ValueError("'every' must be positive")
+        return every
+
+
+class Egress(_Model):
+    """Where a region's traffic leaves from: worker-local, never sent in a job."""
+
+    # None: the worker's own network (today's behaviour).
+    proxies: list[ProxyUrl] = []
+    # per-run: one exit for a whole crawl; per-request: rotate, and fail over.
+    rotate: Literal["per-run", "per-request"] = "per-run"
+    verify: Verify | None = None
+
+
 class Region(_Model):
-    """A region workers are pinned to. Extra settings arrive with later features."""
+    """A region workers are pinned to, and how its traffic leaves (egress)."""
 
     description: str | None = None
+    egress: Egress | None = None
+
+
+def _check_geoip_database(path: str) -> str:
+    import maxminddb
+
+    try:
+        maxminddb.open_database(path).close()
+    except (OSError, ValueError) as exc:  # ValueError: maxminddb.InvalidDatabaseError
+        raise ValueError(f"cannot read geoip database {path!r}: {exc}") from None
+    return path
+
+
+class GeoIP(_Model):
+    # MaxMind DB files; with several, an exit must geolocate the same in all.
+    databases: list[Annotated[str, AfterValidator(_check_geoip_database)]] = Field(min_length=1)
 
 
 def _check_timezone(name: str) -> str:
@@ -337,6 +432,7 @@ RegionName = Annotated[str, AfterValidator(_check_region_name)]
 
 class Config(_Model):
     regions: dict[RegionName, Region | None]
+    geoip: GeoIP | None = None
     defaults: Defaults = Defaults()
     sites: list[Site] = []
 
@@ -360,7 +456,16 @@ class Config(_Model):
                     {"name": site.name},
                 )
             seen.add(site.name)
+        for name, region in self.regions.items():
+            if region and region.egress and region.egress.verify and self.geoip is None:
+                raise ValueError(
+                    f"region {name!r}: egress.verify needs 'geoip.databases' to check the country"
+                )
         return self
+
+    def egress(self, region: str) -> Egress | None:
+        declared = self.regions.get(region)
+        return declared.egress if declared is not None else None
 
     def site(self, name: str) -> Site:
         for site in self.sites:

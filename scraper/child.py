@@ -18,6 +18,7 @@ from typing import IO
 from regions.messages import Job
 from scheduler.config import ResolvedSite
 from scraper.code import CODE_PATH_ENV
+from scraper.egress import ChildEgress, Exits, from_env
 from scraper.errors import ScraperError
 from scraper.protocol import Recorder
 
@@ -48,24 +49,34 @@ def code_path(job: Job) -> str | None:
     return path
 
 
-def run_job(job: Job, recorder: Recorder) -> None:
-    """Run the job's engine and write the final "done" event."""
+def run_job(job: Job, recorder: Recorder, exits: Exits | None = None) -> None:
+    """Run the job's engine and write the final "done" event.
+
+    `exits`: the worker's verified egress (scraper.egress); a per-run crawl
+    whose exit failed ends failed with the proxy error.
+    """
+    exits = exits or Exits(ChildEgress())
     try:
         site = ResolvedSite.model_validate(job.config)
         log.info("run %s: site %s, engine %s", job.run_id, site.name, site.engine)
         if site.engine == "requests" and site.spider is None:
             from scraper import requests_engine
 
-            note = requests_engine.run(site, recorder)
+            note = requests_engine.run(site, recorder, exits)
         elif site.engine == "browser":
             from scraper import browser_engine
 
+            # Chromium is not routed through egress proxies yet: never let it go direct.
+            if any(e.proxy for e in exits.exits):
+                raise ScraperError(
+                    "engine 'browser' cannot use egress proxies yet (docs/BROWSER.md)"
+                )
             note = browser_engine.run(site, recorder)
         else:
             from scraper import scrapy_engine
 
-            note = scrapy_engine.run(site, recorder, project=code_path(job))
-        status, error = recorder.outcome(note=note)
+            note = scrapy_engine.run(site, recorder, project=code_path(job), exits=exits)
+        status, error = recorder.outcome(crash=exits.failure, note=note)
     except Exception as exc:
         log.exception("run %s crashed", job.run_id)
         status, error = recorder.outcome(crash=crash_summary(exc))
@@ -87,7 +98,7 @@ def main() -> int:
         log.error("no valid job on stdin: %s", exc)
         recorder.done("failed", f"no valid job on stdin: {crash_summary(exc)}")
         return 2
-    run_job(job, recorder)
+    run_job(job, recorder, from_env())
     proto.close()
     return 0
 

@@ -35,6 +35,7 @@ GUARD_PRIORITY = "cmdline"  # above the spider's custom_settings
 RECORDER_MIDDLEWARE = "scraper.scrapy_engine.FetchRecorderMiddleware"
 GUARD_MIDDLEWARE = "scraper.scrapy_engine.SSRFGuardMiddleware"
 GUARDED_RESOLVER = "scraper.scrapy_engine.GuardedResolver"
+EGRESS_MIDDLEWARE = "scraper.scrapy_engine.EgressMiddleware"
 
 
 class ProjectError(ScraperError):
@@ -78,8 +79,9 @@ GUARDS: tuple[Guard, ...] = (
     Guard("DEPTH_LIMIT", "limits.max_depth / follow.max_depth", _depth, stricter=True),
 )  # fmt: skip
 # Added to the project's DOWNLOADER_MIDDLEWARES (its own entries stay): the
-# fetch recorder with limits.max_pages, and the SSRF guard of every request.
-GEOSCRAPE_MIDDLEWARES = {RECORDER_MIDDLEWARE: 50, GUARD_MIDDLEWARE: 60}
+# fetch recorder with limits.max_pages, the SSRF guard of every request, and
+# the region's egress exits (600: after retries, before HttpProxyMiddleware).
+GEOSCRAPE_MIDDLEWARES = {RECORDER_MIDDLEWARE: 50, GUARD_MIDDLEWARE: 60, EGRESS_MIDDLEWARE: 600}
 
 
 def _explicit(settings: Settings, name: str) -> bool:

@@ -26,6 +26,7 @@ from w3lib.encoding import html_to_unicode
 
 from regions.messages import Fetch
 from scheduler.config import ResolvedSite
+from scraper.egress import ChildEgress, Exit, Exits, NoExitLeft
 from scraper.errors import ScraperError
 from scraper.extract import extract_items, page_selector
 from scraper.protocol import Recorder
@@ -56,7 +57,11 @@ def short_error(exc: BaseException) -> str:
         return MAX_BYTES_EXCEEDED
     if isinstance(exc, requests.Timeout | DownloadTimeout):
         return "Timeout"
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return f"Proxy error: {_redacted(text)}"[:300]
     if isinstance(exc, requests.ConnectionError):
+        if "proxy" in text.lower():
+            return f"Proxy error: {_redacted(text)}"[:300]
         if "refused" in text.lower():
             return "Connection refused"
         if "Name or service not known" in text or "getaddrinfo" in text or "resolve" in text:
@@ -70,6 +75,14 @@ def short_error(exc: BaseException) -> str:
         return "Content decoding error"
     name = type(exc).__name__
     return f"{name}: {text}"[:200] if text else name
+
+
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s:'\"]*:[^/@\s'\"]*@")
+
+
+def _redacted(text: str) -> str:
+    """`text` with `user:password@` in URLs cut to `***@` (errors may quote the proxy)."""
+    return _CREDENTIALS.sub("***@", text)
 
 
 class _Robots:
@@ -155,7 +168,7 @@ def guarded_connections(guard: Guard) -> Iterator[None]:
 
     def create_connection(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
         host, port = address
-        if guard.host_allowed(host, port):
+        if guard.host_allowed(host, port) or guard.proxy_allowed(host, port):
             return original(address, *args, **kwargs)
         last: OSError | None = None
         for _family, _, _, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
@@ -173,14 +186,33 @@ def guarded_connections(guard: Guard) -> Iterator[None]:
         urllib3_connection.create_connection = original
 
 
-def run(site: ResolvedSite, recorder: Recorder) -> str | None:
-    """Fetch the start URLs; returns a note for the run (e.g. robots skips) or None."""
+def is_proxy_error(exc: BaseException) -> bool:
+    """The proxy itself failed (down, refusing, tunnel refused), not the target."""
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return True
+    if not isinstance(exc, requests.ConnectionError):
+        return False
+    # Through SOCKS, a socket error ("[Errno 111] ...") is on the way to the proxy;
+    # the proxy's own answers about the target are SOCKS codes ("0x05: ...").
+    text = str(exc)
+    return "proxy" in text.lower() or ("SOCKS" in text and "[Errno" in text)
+
+
+def run(site: ResolvedSite, recorder: Recorder, exits: Exits | None = None) -> str | None:
+    """Fetch the start URLs; returns a note for the run (e.g. robots skips) or None.
+
+    With proxied `exits` every request, robots.txt included, goes through one
+    of them; none ever leaves through the direct network.
+    """
     if site.extract is None:
         raise ScraperError("engine 'requests' needs an 'extract' spec")
+    exits = exits or Exits(ChildEgress())
     session = requests.Session()
     session.headers["User-Agent"] = site.politeness.user_agent
     session.max_redirects = site.limits.max_redirects
-    guard = Guard.for_site(site)
+    if exits.proxied:
+        session.trust_env = False  # no NO_PROXY / HTTP_PROXY from the environment
+    guard = Guard.for_site(site).with_proxies(exits.endpoints())
     robots = _Robots(session, site) if site.politeness.robots == "obey" else None
     requested = 0
     give_up_at = time.monotonic() + site.limits.max_duration
@@ -200,16 +232,58 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
                 log.warning("%s: %s", url, exc)
                 recorder.fetch(Fetch(url=url, status=None, error=short_error(exc)))
                 continue
-            if robots is not None and not robots.allowed(url):
+            if robots is not None and not _through(session, exits, robots.allowed, url):
                 log.info("forbidden by robots.txt: %s", url)
                 continue
             if requested and site.politeness.delay > 0:
                 time.sleep(site.politeness.delay)
             requested += 1
-            _fetch_one(session, site, url, recorder)
+            if not _fetch_through(session, site, url, recorder, exits):
+                break  # no exit left: nothing more may go out
     if robots is not None and robots.forbidden and recorder.stats.pages == 0:
         return f"no page was fetched ({robots.forbidden} URL(s) forbidden by robots.txt)"
     return None
+
+
+def _use(session: requests.Session, exit_: Exit | None) -> None:
+    proxy = exit_.proxy if exit_ is not None else None
+    session.proxies = {"http": proxy, "https": proxy} if proxy else {}
+
+
+def _through(
+    session: requests.Session, exits: Exits, call: Callable[[str], bool], url: str
+) -> bool:
+    """`call(url)` with the session on the next exit; True (allowed) if no exit is
+    left: the fetch that follows fails closed itself."""
+    try:
+        _use(session, exits.pick())
+    except NoExitLeft:
+        return True
+    return call(url)
+
+
+def _fetch_through(
+    session: requests.Session, site: ResolvedSite, url: str, recorder: Recorder, exits: Exits
+) -> bool:
+    """Fetch `url` through the next exit, failing over to the others (per-request
+    rotation). False when no exit is left."""
+    while True:
+        try:
+            exit_ = exits.pick()
+        except NoExitLeft as exc:
+            recorder.fetch(Fetch(url=url, status=None, error=f"no egress exit left: {exc}"[:300]))
+            return False
+        _use(session, exit_)
+        failure = _fetch_one(session, site, url, recorder, exit_, exits.proxied)
+        if failure is None:
+            return True
+        assert exit_ is not None  # a proxy failure needs a proxy
+        reason = short_error(failure)
+        if not exits.failed(exit_, reason):
+            log.warning("%s: exit %s failed (%s), no exit left", url, exit_.label, reason)
+            recorder.fetch(Fetch(url=url, status=None, error=reason))
+            return False
+        log.warning("%s: exit %s failed (%s): trying the next", url, exit_.label, reason)
 
 
 def _get(
@@ -226,21 +300,38 @@ def _get(
     raise requests.TooManyRedirects(f"more than {site.limits.max_redirects} redirects")
 
 
-def _fetch_one(session: requests.Session, site: ResolvedSite, url: str, recorder: Recorder) -> None:
+def _fetch_one(
+    session: requests.Session,
+    site: ResolvedSite,
+    url: str,
+    recorder: Recorder,
+    exit_: Exit | None = None,
+    proxied: bool = False,
+) -> BaseException | None:
+    """Fetch and record `url`; a proxy failure is returned unrecorded (the caller fails over)."""
     assert site.extract is not None
+    address = exit_.address if exit_ is not None else None
     try:
         response = _get(session, site, url, Guard.for_site(site))
         body = _read_capped(response, site.limits.max_bytes, site.limits.timeout)
     except (requests.RequestException, ScraperError) as exc:
+        if proxied and is_proxy_error(exc):
+            return exc
         log.warning("fetch failed: %s: %s", url, exc)
-        recorder.fetch(Fetch(url=url, status=None, error=short_error(exc)))
-        return
+        recorder.fetch(Fetch(url=url, status=None, error=short_error(exc), exit=address))
+        return None
     final_url = response.url if response.url != url else None
     recorder.fetch(
-        Fetch(url=url, status=response.status_code, bytes=len(body), final_url=final_url)
+        Fetch(
+            url=url,
+            status=response.status_code,
+            bytes=len(body),
+            final_url=final_url,
+            exit=address,
+        )
     )
     if not 200 <= response.status_code < 300:
-        return
+        return None
     _, text = html_to_unicode(response.headers.get("Content-Type"), body)
     items, problems = extract_items(
         page_selector(text, site.extract.parser), response.url, site.extract
@@ -249,3 +340,4 @@ def _fetch_one(session: requests.Session, site: ResolvedSite, url: str, recorder
         log.warning("%s", problem)
     for item in items:
         recorder.item(item)
+    return None

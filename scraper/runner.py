@@ -31,6 +31,7 @@ from pydantic import BaseModel
 import scraper
 from regions.messages import (
     CodeRef,
+    EgressAttestation,
     Fetch,
     Job,
     RunFinished,
@@ -42,6 +43,7 @@ from regions.messages import (
 )
 from scraper.batching import Batcher
 from scraper.code import CODE_PATH_ENV, CODE_TOKEN_ENV, CodeError
+from scraper.egress import EGRESS_ENV, ChildEgress
 from scraper.protocol import Done, ProtocolError, StatsTracker, decode_event
 
 log = logging.getLogger(__name__)
@@ -96,8 +98,11 @@ def _child_setup(parent_pid: int) -> Callable[[], None] | None:
     return setup
 
 
-def _child_env(code_path: str | None = None) -> dict[str, str]:
-    """The environment of the child: ours, plus this checkout on PYTHONPATH."""
+def _child_env(code_path: str | None = None, egress: ChildEgress | None = None) -> dict[str, str]:
+    """The environment of the child: ours, plus this checkout on PYTHONPATH.
+
+    The egress exits travel here, not in the Job: proxy URLs hold credentials.
+    """
     env = dict(os.environ)
     env.pop(CODE_PATH_ENV, None)
     env.pop(CODE_TOKEN_ENV, None)  # the crawl (user code) has no use for the code token
@@ -105,17 +110,22 @@ def _child_env(code_path: str | None = None) -> dict[str, str]:
         env[CODE_PATH_ENV] = code_path
     root = os.path.dirname(os.path.dirname(os.path.abspath(scraper.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.pop(EGRESS_ENV, None)
+    if egress is not None:
+        env[EGRESS_ENV] = egress.model_dump_json()
     return env
 
 
-def spawn_child(code_path: str | None = None) -> subprocess.Popen[bytes]:
+def spawn_child(
+    code_path: str | None = None, egress: ChildEgress | None = None
+) -> subprocess.Popen[bytes]:
     """`python -m scraper.child` in its own process group, tied to our life."""
     return subprocess.Popen(
         [sys.executable, "-m", CHILD_MODULE],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_child_env(code_path),
+        env=_child_env(code_path, egress),
         process_group=0,
         preexec_fn=_child_setup(os.getpid()),
         close_fds=True,
@@ -191,6 +201,8 @@ def run_job(
     timeout: float | None = None,
     on_started: Callable[[], None] | None = None,
     code: CodeSource | None = None,
+    egress: ChildEgress | None = None,
+    attestation: EgressAttestation | None = None,
 ) -> RunFinished:
     """Run one job in a crawl child, publishing its messages; returns the RunFinished.
 
@@ -204,6 +216,8 @@ def run_job(
     worker acks the job there: from then on the run's lease covers it).
     `code` provides the directory of the code bundle a job pins (`Job.code`);
     a bundle it cannot provide (CodeError) fails the run before any crawl.
+    `egress`: the exits the crawl goes out through (scraper.egress), given to
+    the child privately; `attestation`: what RunStarted records about them.
     """
     clock = time.monotonic
     if timeout is None:
@@ -218,6 +232,7 @@ def run_job(
             worker=worker,
             started_at=utcnow(),
             attempt=job.attempt,
+            egress=attestation,
         )
     )
     if on_started is not None:
@@ -241,7 +256,7 @@ def run_job(
     stop_reading = threading.Event()
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
 
-    proc = spawn_child(code_path)
+    proc = spawn_child(code_path, egress)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     readers = [
         threading.Thread(target=_pump_lines, args=(proc.stdout, events, stop_reading), daemon=True),

@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from regions.messages import Fetch, ScrapedItem
 from scheduler.config import ResolvedSite
+from scraper.egress import ChildEgress, Exit, Exits, NoExitLeft
 from scraper.errors import ScraperError
 from scraper.extract import extract_items
 from scraper.project import (
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 
 MAX_BYTES_EXCEEDED = "max_bytes exceeded"
 TOO_MANY_REDIRECTS = "Too many redirects"
+EXIT_META = "geoscrape_exit"  # the scraper.egress.Exit a request goes out through
 
 
 # The run's recorder and SSRF guard, for the middlewares and the resolver (Scrapy
@@ -72,10 +74,15 @@ TOO_MANY_REDIRECTS = "Too many redirects"
 # one global each is enough.
 _recorder: Recorder | None = None
 _guard: Guard | None = None
+_exits: Exits | None = None
 
 
 class GuardRefused(IgnoreRequest):
     """A request the SSRF guard refused (never retried, always recorded)."""
+
+
+class EgressRefused(IgnoreRequest):
+    """A request with no egress exit left to go out through (never sent, always recorded)."""
 
 
 def max_depth(site: ResolvedSite) -> int:
@@ -108,6 +115,10 @@ def settings_for(site: ResolvedSite) -> dict[str, Any]:
         "RETRY_TIMES": 1,
         "LOG_LEVEL": "INFO",
         "LOG_STDOUT": False,
+        # The recorder and guard first; egress (600) sits between retries (550)
+        # and Scrapy's HttpProxyMiddleware (750): it picks the exit before the
+        # proxy header is set, and sees a proxy failure before a retry would
+        # resend through the same dead exit (scraper.project.GEOSCRAPE_MIDDLEWARES).
         "DOWNLOADER_MIDDLEWARES": GEOSCRAPE_MIDDLEWARES,
         "GEOSCRAPE_MAX_PAGES": limits.max_pages,
         "GEOSCRAPE_MAX_DEPTH": depth,
@@ -116,7 +127,7 @@ def settings_for(site: ResolvedSite) -> dict[str, Any]:
 
 def short_error(exc: BaseException) -> str:
     """A short, stable message for a download that got no usable response."""
-    if isinstance(exc, GuardRefused | SSRFRefused):
+    if isinstance(exc, GuardRefused | SSRFRefused | EgressRefused):
         return str(exc)[:300]
     if isinstance(exc, IgnoreRequest) and "max redirections" in str(exc):
         return TOO_MANY_REDIRECTS
@@ -200,6 +211,7 @@ class FetchRecorderMiddleware:
                 status=response.status,
                 bytes=len(response.body),
                 final_url=response.url if response.url != origin else None,
+                exit=exit_address(request),
             )
         )
         if self._limit_reached():
@@ -209,15 +221,70 @@ class FetchRecorderMiddleware:
     def process_exception(self, request: Request, exception: Exception) -> None:
         if _is_robots_request(request):
             return None
-        if isinstance(exception, IgnoreRequest) and not isinstance(exception, GuardRefused):
+        if isinstance(exception, IgnoreRequest) and not isinstance(
+            exception, GuardRefused | EgressRefused
+        ):
             return None
         record_failure(self.recorder, request, exception)
         return None
 
 
+def exit_address(request: Request) -> str | None:
+    exit_: Exit | None = request.meta.get(EXIT_META)
+    return exit_.address if exit_ is not None else None
+
+
 def record_failure(recorder: Recorder, request: Request, exception: BaseException) -> None:
     origin = (request.meta.get("redirect_urls") or [request.url])[0]
-    recorder.fetch(Fetch(url=origin, status=None, error=short_error(exception)))
+    recorder.fetch(
+        Fetch(url=origin, status=None, error=short_error(exception), exit=exit_address(request))
+    )
+
+
+class EgressMiddleware:
+    """Sends every request (robots.txt included) through one of the crawl's exits.
+
+    It overrides any `proxy` a spider set itself: a verified region's traffic
+    leaves through its verified exits only. A connection failure through a
+    proxy is the proxy's (the proxy, not us, connects to the target): under
+    per-request rotation the request goes out again through the next exit;
+    under per-run the crawl's exit is gone and every further request is refused.
+    """
+
+    def __init__(self, exits: Exits) -> None:
+        self.exits = exits
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> EgressMiddleware:
+        return cls(_exits or Exits(ChildEgress()))
+
+    def process_request(self, request: Request) -> None:
+        if EXIT_META in request.meta:
+            return None  # a retry or redirect keeps its exit until that exit fails
+        try:
+            exit_ = self.exits.pick()
+        except NoExitLeft as exc:
+            raise EgressRefused(f"no egress exit left: {exc}") from None
+        if exit_ is None:
+            return None
+        request.meta[EXIT_META] = exit_
+        if exit_.proxy is not None:
+            request.meta["proxy"] = exit_.proxy
+        return None
+
+    def process_exception(self, request: Request, exception: Exception) -> Request | None:
+        exit_: Exit | None = request.meta.get(EXIT_META)
+        if exit_ is None or exit_.proxy is None or isinstance(exception, IgnoreRequest):
+            return None
+        log.warning("exit %s failed on %s: %s", exit_.label, request.url, exception)
+        if not self.exits.failed(exit_, short_error(exception)):
+            return None
+        retry = request.copy()
+        for key in (EXIT_META, "proxy", "_auth_proxy"):
+            retry.meta.pop(key, None)
+        retry.headers.pop(b"Proxy-Authorization", None)
+        retry.dont_filter = True
+        return retry
 
 
 class SSRFGuardMiddleware:
@@ -252,7 +319,10 @@ class _GuardedReceiver:
         self.inner.resolutionBegan(resolution)
 
     def addressResolved(self, address: Any) -> None:
-        if self.guard.address_allowed(address.host, self.port, self.host):
+        allowed = self.guard.proxy_allowed(self.host, self.port) or self.guard.address_allowed(
+            address.host, self.port, self.host
+        )
+        if allowed:
             self.inner.addressResolved(address)
         else:
             log.warning("%s resolved to refused address %s: dropped", self.host, address.host)
@@ -370,6 +440,7 @@ def run(
     project: str | None = None,
     *,
     settings: dict[str, Any] | None = None,
+    exits: Exits | None = None,
 ) -> str | None:
     """Run the crawl to completion (blocks; once per process: the reactor can't restart).
 
@@ -377,8 +448,15 @@ def run(
     `settings` replaces `settings_for(site)` (engine browser passes its own).
     Returns a note explaining an empty run, or None; raises CrawlCrashed.
     """
-    global _recorder, _guard
+    global _recorder, _guard, _exits
     project = project or site.project
+    exits = exits or Exits(ChildEgress())
+    socks = [e.label for e in exits.exits if e.proxy and not e.proxy.startswith("http")]
+    if socks:
+        raise CrawlCrashed(
+            f"engine 'scrapy' speaks HTTP proxies only; SOCKS exits ({', '.join(socks)}) "
+            "need engine 'requests'"
+        )
     spider_cls: type[scrapy.Spider] = SiteSpider
     spider_kwargs: dict[str, Any] = {"site": site}
     crawl_settings: Settings | dict[str, Any] = (
@@ -392,7 +470,8 @@ def run(
     key_field = site.extract.key if site.extract is not None else None
 
     _recorder = recorder
-    _guard = Guard.for_site(site)
+    _guard = Guard.for_site(site).with_proxies(exits.endpoints())
+    _exits = exits
     logging.root.handlers.clear()  # Scrapy installs its own stderr handler (LOG_LEVEL)
     process = CrawlerProcess(crawl_settings)
     crawler = process.create_crawler(spider_cls)

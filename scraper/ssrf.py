@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 from scheduler.config import ResolvedSite, parse_allow_host
@@ -70,6 +70,9 @@ class Guard:
     hosts: frozenset[tuple[str, int | None]] = frozenset()
     networks: tuple[Network, ...] = ()
     blocked: tuple[Network, ...] = field(default=BLOCKED_NETWORKS)
+    # Egress proxies named in the config: the crawl may *connect* to them,
+    # but they are never allowed as a target URL.
+    proxies: frozenset[tuple[str, int]] = frozenset()
 
     @classmethod
     def for_site(cls, site: ResolvedSite) -> Guard:
@@ -81,6 +84,12 @@ class Guard:
             hosts=frozenset(parse_allow_host(h) for h in allow_hosts),
             networks=tuple(ipaddress.ip_network(n, strict=False) for n in allow_networks),
         )
+
+    def with_proxies(self, endpoints: Iterable[tuple[str, int]]) -> Guard:
+        return replace(self, proxies=frozenset((h.lower(), p) for h, p in endpoints))
+
+    def proxy_allowed(self, host: str, port: int) -> bool:
+        return (host.lower().strip("[]"), port) in self.proxies
 
     def host_allowed(self, host: str, port: int) -> bool:
         host = host.lower().strip("[]")

@@ -159,6 +159,8 @@ class AccessResult(BaseModel):
     site: str
     regions: list[str]
     rounds: list[Round]  # newest first
+    verified_only: bool = False  # runs with unverified egress were left out
+    unverified: list[str] = []  # shown regions with verdicts from runs with unverified egress
 
 
 def _outcomes(session: Session, run_id: str) -> list[Outcome]:
@@ -170,9 +172,18 @@ def _outcomes(session: Session, run_id: str) -> list[Outcome]:
     return [Outcome(url=u, status=s, final_url=f, error=e) for u, s, f, e in session.execute(stmt)]
 
 
-def access(session: Session, site: str, rounds: int = 5, region: str | None = None) -> AccessResult:
-    """Verdicts of the ``rounds`` newest rounds of ``site``, every region compared."""
-    all_runs = site_runs(session, site)
+def access(
+    session: Session,
+    site: str,
+    rounds: int = 5,
+    region: str | None = None,
+    verified_only: bool = False,
+) -> AccessResult:
+    """Verdicts of the ``rounds`` newest rounds of ``site``, every region compared.
+
+    `verified_only` leaves out runs whose egress was not verified.
+    """
+    all_runs = [r for r in site_runs(session, site) if r.verified or not verified_only]
     by_round: dict[str, dict[str, RunRef]] = {}
     for ref in all_runs:  # oldest first: a later run of a region in a round wins
         by_round.setdefault(ref.round, {})[ref.region] = ref
@@ -181,7 +192,9 @@ def access(session: Session, site: str, rounds: int = 5, region: str | None = No
 
     ordered = sorted(by_round.items(), key=lambda kv: _sort_key(kv[1]), reverse=True)[:rounds]
     out: list[Round] = []
+    unverified: set[str] = set()
     for name, refs in ordered:
+        unverified |= {r for r, ref in refs.items() if not ref.verified and r in shown}
         outcomes = {r: _outcomes(session, ref.id) for r, ref in refs.items()}
         finished = {r: ref.status not in ("queued", "running") for r, ref in refs.items()}
         cells = classify(outcomes, finished)
@@ -196,7 +209,13 @@ def access(session: Session, site: str, rounds: int = 5, region: str | None = No
                 cell = cell.model_copy(update={"reason": f"run {run.status}: {run.error}"})
             row.append(cell.model_copy(update={"run_id": run.id, "run_status": run.status}))
         out.append(Round(round=name, at=_began(refs), cells=row))
-    return AccessResult(site=site, regions=shown, rounds=out)
+    return AccessResult(
+        site=site,
+        regions=shown,
+        rounds=out,
+        verified_only=verified_only,
+        unverified=sorted(unverified),
+    )
 
 
 def _began(refs: dict[str, RunRef]) -> datetime | None:

@@ -283,10 +283,20 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         only_diff: bool = False,
         limit: Limit = 100,
         offset: Offset = 0,
+        verified_only: Annotated[
+            bool, Query(description="leave out runs whose egress was not verified")
+        ] = False,
     ) -> CompareResult:
         """One row per key, one value per region per field; summary over every row."""
         return compare(
-            db, site, fields=field, tick=tick, only_diff=only_diff, limit=limit, offset=offset
+            db,
+            site,
+            fields=field,
+            tick=tick,
+            only_diff=only_diff,
+            limit=limit,
+            offset=offset,
+            verified_only=verified_only,
         )
 
     @app.get("/sites/{site}/access", dependencies=guarded, response_model=AccessResult)
@@ -295,9 +305,12 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         site: str,
         rounds: Annotated[int, Query(ge=1, le=100)] = 5,
         region: str | None = None,
+        verified_only: Annotated[
+            bool, Query(description="leave out runs whose egress was not verified")
+        ] = False,
     ) -> AccessResult:
         """Verdict per region for the newest rounds of runs, with the evidence."""
-        return access(db, site, rounds=rounds, region=region)
+        return access(db, site, rounds=rounds, region=region, verified_only=verified_only)
 
     @app.get("/sites/{site}/history", dependencies=guarded, response_model=HistoryResult)
     def history_(

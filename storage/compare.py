@@ -68,6 +68,8 @@ class CompareRun(_Model):
     status: str | None
     tick: str | None
     finished_at: datetime | None = None
+    verified: bool = False  # the run's egress passed verification (scraper/verify.py)
+    egress: dict[str, Any] | None = None  # regions.messages.EgressAttestation
 
 
 class CompareResult(_Model):
@@ -81,6 +83,8 @@ class CompareResult(_Model):
     total: int  # rows (after only_diff)
     offset: int = 0
     rows: list[CompareRow]
+    verified_only: bool = False  # runs with unverified egress were left out
+    unverified: list[str] = []  # regions whose rows come from runs with unverified egress
 
 
 def _is_number(value: Any) -> bool:
@@ -98,6 +102,7 @@ class Comparison:
         tick: str | None = None,
         only_diff: bool = False,
         regions: Sequence[str] | None = None,
+        verified_only: bool = False,
     ) -> None:
         self.session = session
         self.site = site
@@ -113,10 +118,15 @@ class Comparison:
                 )
             all_regions = list(regions)
         self.runs: dict[str, RunRef] = (
-            {r: ref for r, ref in tick_runs(session, site, tick).items() if r in all_regions}
+            {
+                r: ref
+                for r, ref in tick_runs(session, site, tick).items()
+                if r in all_regions and (ref.verified or not verified_only)
+            }
             if tick is not None
-            else latest_succeeded(session, site, all_regions)
+            else latest_succeeded(session, site, all_regions, verified_only=verified_only)
         )
+        self.unverified = sorted(r for r, ref in self.runs.items() if not ref.verified)
         self.regions = sorted(set(all_regions) | set(self.runs))
         declared, key_field = declared_fields(site_config(session, site))
         self.declared = declared
@@ -223,6 +233,8 @@ class Comparison:
                     status=ref.status if ref else None,
                     tick=ref.tick if ref else None,
                     finished_at=ref.finished_at if ref else None,
+                    verified=ref.verified if ref else False,
+                    egress=ref.egress if ref else None,
                 )
             )
         return out
@@ -236,9 +248,15 @@ def compare(
     only_diff: bool = False,
     limit: int | None = None,
     offset: int = 0,
+    verified_only: bool = False,
 ) -> CompareResult:
-    """The whole compare (summary over every row); ``limit``/``offset`` page the rows."""
-    cmp = Comparison(session, site, fields=fields, tick=tick, only_diff=only_diff)
+    """The whole compare (summary over every row); ``limit``/``offset`` page the rows.
+
+    `verified_only` leaves out runs whose egress was not verified.
+    """
+    cmp = Comparison(
+        session, site, fields=fields, tick=tick, only_diff=only_diff, verified_only=verified_only
+    )
     rows: list[CompareRow] = []
     for i, row in enumerate(cmp.rows()):
         if i >= offset and (limit is None or len(rows) < limit):
@@ -254,4 +272,6 @@ def compare(
         total=cmp.total,
         offset=offset,
         rows=rows,
+        verified_only=verified_only,
+        unverified=cmp.unverified,
     )

@@ -125,6 +125,9 @@ class Run(Base):
     heartbeat_at: Mapped[datetime | None]
     # The deployed code bundle the run's job pinned (name@sha256 prefix), if any.
     code_version: Mapped[str | None] = mapped_column(String)
+    # Where the run's traffic left from (regions.messages.EgressAttestation);
+    # None: a worker from before attestation.
+    egress: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
 class Worker(Base):
@@ -137,6 +140,9 @@ class Worker(Base):
     host: Mapped[str] = mapped_column(String)
     pid: Mapped[int] = mapped_column(Integer)
     egress: Mapped[str | None] = mapped_column(String)  # source address, when known
+    # Its egress exits' verification state (regions.messages.ExitReport list);
+    # None: a direct, unverified region.
+    exits: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
     started_at: Mapped[datetime]
     last_seen_at: Mapped[datetime]
     stopped_at: Mapped[datetime | None]
@@ -205,6 +211,7 @@ class FetchRecord(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)
     final_url: Mapped[str | None] = mapped_column(Text)
+    exit_address: Mapped[str | None] = mapped_column(String)  # the egress exit, when known
     fetched_at: Mapped[datetime]
 
 

@@ -32,6 +32,13 @@ class RunRow:
     stats: dict[str, Any]
     error: str | None
     code_version: str | None = None  # the deployed code bundle it ran (geoscrape deploy)
+    # regions.messages.EgressAttestation as JSON; None: from before attestation.
+    egress: dict[str, Any] | None = None
+
+    @property
+    def verified(self) -> bool:
+        """Did every exit of this run pass verification?"""
+        return bool(self.egress and self.egress.get("verified"))
 
     @classmethod
     def of(cls, run: Run) -> RunRow:
@@ -49,6 +56,7 @@ class RunRow:
             stats=dict(run.stats),
             error=run.error,
             code_version=run.code_version,
+            egress=dict(run.egress) if run.egress is not None else None,
         )
 
 
@@ -89,6 +97,7 @@ class FetchRow:
     error: str | None
     final_url: str | None
     fetched_at: datetime
+    exit_address: str | None = None
 
     @classmethod
     def of(cls, fetch: FetchRecord) -> FetchRow:
@@ -101,6 +110,7 @@ class FetchRow:
             error=fetch.error,
             final_url=fetch.final_url,
             fetched_at=fetch.fetched_at,
+            exit_address=fetch.exit_address,
         )
 
 
@@ -165,6 +175,7 @@ class WorkerRow:
     started_at: datetime
     last_seen_at: datetime
     stopped_at: datetime | None
+    exits: list[dict[str, Any]] | None = None  # regions.messages.ExitReport as JSON
 
     @classmethod
     def of(cls, worker: Worker) -> WorkerRow:
@@ -177,6 +188,7 @@ class WorkerRow:
             started_at=worker.started_at,
             last_seen_at=worker.last_seen_at,
             stopped_at=worker.stopped_at,
+            exits=list(worker.exits) if worker.exits is not None else None,
         )
 
 

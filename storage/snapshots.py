@@ -39,6 +39,12 @@ class RunRef:
     started_at: datetime | None
     finished_at: datetime | None
     error: str | None
+    egress: dict[str, Any] | None = None  # regions.messages.EgressAttestation as JSON
+
+    @property
+    def verified(self) -> bool:
+        """Did every egress exit of this run pass verification?"""
+        return bool(self.egress and self.egress.get("verified"))
 
     @property
     def at(self) -> datetime | None:
@@ -64,6 +70,7 @@ def _run_refs(session: Session, stmt: Any) -> list[RunRef]:
             started_at=r.started_at,
             finished_at=r.finished_at,
             error=r.error,
+            egress=r.egress,
         )
         for r in session.execute(stmt)
     ]
@@ -80,6 +87,7 @@ def _run_columns() -> list[Any]:
         runs.c.started_at,
         runs.c.finished_at,
         runs.c.error,
+        runs.c.egress,
     ]
 
 
@@ -111,18 +119,24 @@ def site_regions(session: Session, site: str) -> list[str]:
     return found
 
 
-def latest_succeeded(session: Session, site: str, regions: Sequence[str]) -> dict[str, RunRef]:
-    """Each region's newest succeeded run (regions without one are left out)."""
+def latest_succeeded(
+    session: Session, site: str, regions: Sequence[str], verified_only: bool = False
+) -> dict[str, RunRef]:
+    """Each region's newest succeeded run (regions without one are left out);
+    with `verified_only`, its newest succeeded run whose egress was verified."""
     latest: dict[str, RunRef] = {}
     for region in regions:
         stmt = (
             select(*_run_columns())
             .where(runs.c.site == site, runs.c.status == "succeeded", runs.c.region == region)
             .order_by(runs.c.finished_at.desc().nulls_last(), runs.c.id.desc())
-            .limit(1)
         )
+        if not verified_only:
+            stmt = stmt.limit(1)
         for ref in _run_refs(session, stmt):
-            latest[region] = ref
+            if ref.verified or not verified_only:
+                latest[region] = ref
+                break
     return latest
 
 

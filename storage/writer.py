@@ -169,7 +169,10 @@ def _apply_queued(session: Session, msg: RunQueued) -> None:
 
 
 def _apply_started(session: Session, msg: RunStarted) -> None:
-    _ensure_run(session, msg, "running", started_at=msg.started_at, worker=msg.worker)
+    egress = msg.egress.model_dump(mode="json") if msg.egress is not None else None
+    _ensure_run(
+        session, msg, "running", started_at=msg.started_at, worker=msg.worker, egress=egress
+    )
     _raise_status(session, msg.run_id, "running")
     # A job retried on another worker starts again: the latest attempt wins,
     # whatever order the two RunStarted arrive in.
@@ -177,7 +180,7 @@ def _apply_started(session: Session, msg: RunStarted) -> None:
     session.execute(
         update(runs)
         .where(runs.c.id == msg.run_id, or_(started.is_(None), started < msg.started_at))
-        .values(started_at=msg.started_at, worker=msg.worker)
+        .values(started_at=msg.started_at, worker=msg.worker, egress=egress)
     )
     _renew_lease(session, msg.run_id, msg.started_at, msg.attempt)
 
@@ -311,6 +314,7 @@ def _apply_batch(session: Session, msg: ItemBatch) -> None:
                 "bytes": f.bytes,
                 "error": f.error,
                 "final_url": f.final_url,
+                "exit_address": f.exit,
                 "fetched_at": observed_at,
             }
             for f in msg.fetches
@@ -334,6 +338,7 @@ def _apply_heartbeat(session: Session, msg: WorkerHeartbeat) -> None:
         "host": msg.host,
         "pid": msg.pid,
         "egress": msg.egress,
+        "exits": [e.model_dump(mode="json") for e in msg.exits] if msg.exits is not None else None,
         "started_at": msg.started_at,
         "last_seen_at": msg.sent_at,
         "stopped_at": msg.sent_at if msg.stopping else None,
@@ -356,6 +361,7 @@ def _apply_heartbeat(session: Session, msg: WorkerHeartbeat) -> None:
                 "pid": pick("pid", old.pid),
                 "started_at": pick("started_at", old.started_at),
                 "egress": pick("egress", case((later, new.egress), else_=old.egress)),
+                "exits": pick("exits", case((later, new.exits), else_=old.exits)),
                 "last_seen_at": pick(
                     "last_seen_at", case((later, new.last_seen_at), else_=old.last_seen_at)
                 ),

@@ -36,7 +36,7 @@ def runs(tick: str) -> list[dict[str, Any]]:
     day = "02" if tick == "t2" else "01"
     return [
         {"region": r, "run_id": f"{tick}-{r}", "status": "succeeded", "tick": tick,
-         "finished_at": f"2024-05-{day}T12:03:00Z"}
+         "finished_at": f"2024-05-{day}T12:03:00Z", "verified": False, "egress": None}
         for r in REGIONS
     ]  # fmt: skip
 
@@ -68,6 +68,9 @@ LATEST = {
     "total": 3,
     "offset": 0,
     "rows": [ROW_A, ROW_B, ROW_C],
+    # The store's runs carry no egress attestation: unverified (issue 9).
+    "verified_only": False,
+    "unverified": REGIONS,
 }
 
 

@@ -406,6 +406,7 @@ def test_requests_engine_follows_redirects_and_records_final_url(
         "status": 200,
         "error": None,
         "final_url": f"{shop.url}/prices.html",
+        "exit": None,  # no egress proxy: the worker's own network
     }
     assert (run.fetches[1].status, run.fetches[1].final_url) == (404, None)
     assert run.products() == catalog_products(shop.catalog)
