@@ -98,7 +98,9 @@ def register(app: typer.Typer) -> None:
                     if f in row.spread:
                         s = row.spread[f]
                         flat.update({f"{f}.min": s.min, f"{f}.max": s.max, f"{f}.ratio": s.ratio})
+                    flat[f"{f}.verdict"] = row.verdicts.get(f)
                 flat["differs"] = ",".join(row.differs)
+                flat["noisy"] = ",".join(row.noisy)
                 flat["missing"] = ",".join(row.missing)
                 rows.append(flat)
             print_csv(rows)

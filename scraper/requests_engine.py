@@ -28,6 +28,7 @@ from w3lib.encoding import html_to_unicode
 from regions.messages import Fetch
 from scheduler.config import ResolvedSite
 from scraper.errors import ScraperError
+from scraper.evidence import inspect
 from scraper.extract import extract_items
 from scraper.protocol import Recorder
 from scraper.ssrf import REFUSED, Guard, SSRFRefused
@@ -208,6 +209,12 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
                 time.sleep(site.politeness.delay)
             requested += 1
             _fetch_one(session, site, url, recorder)
+            for sample in range(1, site.compare.samples):
+                # Samples of a page stay within compare.window of each other.
+                pause = min(site.politeness.delay, site.compare.window / site.compare.samples)
+                if pause > 0:
+                    time.sleep(pause)
+                _fetch_one(session, site, url, recorder, sample)
     if robots is not None and robots.forbidden and recorder.stats.pages == 0:
         return f"no page was fetched ({robots.forbidden} URL(s) forbidden by robots.txt)"
     return None
@@ -227,19 +234,34 @@ def _get(
     raise requests.TooManyRedirects(f"more than {site.limits.max_redirects} redirects")
 
 
-def _fetch_one(session: requests.Session, site: ResolvedSite, url: str, recorder: Recorder) -> None:
+def _fetch_one(
+    session: requests.Session, site: ResolvedSite, url: str, recorder: Recorder, sample: int = 0
+) -> None:
     assert site.extract is not None
     try:
         response = _get(session, site, url, Guard.for_site(site))
         body = _read_capped(response, site.limits.max_bytes, site.limits.timeout)
     except (requests.RequestException, ScraperError) as exc:
         log.warning("fetch failed: %s: %s", url, exc)
-        recorder.fetch(Fetch(url=url, status=None, error=short_error(exc)))
+        recorder.fetch(Fetch(url=url, status=None, error=short_error(exc), sample=sample))
         return
     final_url = response.url if response.url != url else None
-    recorder.fetch(
-        Fetch(url=url, status=response.status_code, bytes=len(body), final_url=final_url)
+    facts = inspect(
+        site, url, response.url, response.status_code, list(response.headers.items()), body
     )
+    recorder.fetch(
+        Fetch(
+            url=url,
+            status=response.status_code,
+            bytes=len(body),
+            final_url=final_url,
+            sample=sample,
+            **facts.fields(),
+        )
+    )
+    if facts.block is not None:
+        log.info("block page (%s): %s", facts.block, url)
+        return  # whatever a block page holds is not the site's data
     if not 200 <= response.status_code < 300:
         return
     _, text = html_to_unicode(response.headers.get("Content-Type"), body)
@@ -247,4 +269,4 @@ def _fetch_one(session: requests.Session, site: ResolvedSite, url: str, recorder
     for problem in problems:
         log.warning("%s", problem)
     for item in items:
-        recorder.item(item)
+        recorder.item(item.model_copy(update={"sample": sample}) if sample else item)

@@ -46,6 +46,7 @@ from zope.interface import implementer
 from regions.messages import Fetch, ScrapedItem
 from scheduler.config import ResolvedSite
 from scraper.errors import ScraperError
+from scraper.evidence import inspect
 from scraper.extract import extract_items
 from scraper.protocol import Recorder
 from scraper.ssrf import Guard, SSRFRefused
@@ -63,6 +64,9 @@ _RESOLVER = "scraper.scrapy_engine.GuardedResolver"
 # deep-copies settings, so they cannot travel there). One crawl per process, so
 # one global each is enough.
 _recorder: Recorder | None = None
+_site: ResolvedSite | None = None
+# request.meta key: the block signature the response matched (scraper/blocks.py).
+BLOCK_META = "geoscrape_block"
 _guard: Guard | None = None
 
 
@@ -154,6 +158,8 @@ class FetchRecorderMiddleware:
         if _recorder is None:
             raise ScraperError("FetchRecorderMiddleware runs only inside scrapy_engine.run()")
         self.recorder: Recorder = _recorder
+        assert _site is not None  # set together with _recorder
+        self.site: ResolvedSite = _site
         self.max_pages: int = crawler.settings.getint("GEOSCRAPE_MAX_PAGES")
         self.max_depth: int = crawler.settings.getint("GEOSCRAPE_MAX_DEPTH")
         self.responses = 0
@@ -190,12 +196,20 @@ class FetchRecorderMiddleware:
             raise IgnoreRequest("max_pages reached")
         self.responses += 1
         origin = (request.meta.get("redirect_urls") or [request.url])[0]
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, values in response.headers.items()
+            for v in values
+        ]
+        facts = inspect(self.site, origin, response.url, response.status, headers, response.body)
+        request.meta[BLOCK_META] = facts.block  # the spider extracts nothing from a block page
         self.recorder.fetch(
             Fetch(
                 url=origin,
                 status=response.status,
                 bytes=len(response.body),
                 final_url=response.url if response.url != origin else None,
+                **facts.fields(),
             )
         )
         if self._limit_reached():
@@ -319,6 +333,8 @@ class SiteSpider(scrapy.Spider):
     def parse(self, response: Response, **kwargs: Any) -> Iterator[Any]:
         if not 200 <= response.status < 300 or not isinstance(response, TextResponse):
             return
+        if response.meta.get(BLOCK_META):
+            return  # a block page: neither its items nor its links are the site's
         if self.site.extract is not None:
             items, problems = extract_items(response.selector, response.url, self.site.extract)
             for problem in problems:
@@ -374,7 +390,7 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
 
     Returns a note explaining an empty run, or None; raises CrawlCrashed.
     """
-    global _recorder, _guard
+    global _recorder, _guard, _site
     spider_cls: type[scrapy.Spider] = SiteSpider
     spider_kwargs: dict[str, Any] = {"site": site}
     if site.spider is not None:
@@ -382,6 +398,7 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
     key_field = site.extract.key if site.extract is not None else None
 
     _recorder = recorder
+    _site = site
     _guard = Guard.for_site(site)
     logging.root.handlers.clear()  # Scrapy installs its own stderr handler (LOG_LEVEL)
     process = CrawlerProcess(settings_for(site))
@@ -389,6 +406,8 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
     crashes: list[str] = []
 
     def on_item(item: Any, response: Response | None = None, **_: Any) -> None:
+        if response is not None and response.meta.get(BLOCK_META):
+            return  # a user spider's item from a block page is not data
         if isinstance(item, Extracted):
             recorder.item(item.item)
             return
