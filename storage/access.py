@@ -166,20 +166,17 @@ def classify(
             whys = ", ".join(sorted({why for _, why in refused}))
             signed = Counter(o.block for o, _ in refused if o.block is not None)
             hosts = sorted({h for o, _ in refused if (h := _offsite(o))})
-            if signed:
-                signature = signed.most_common(1)[0][0]
-            elif hosts and all(_offsite(o) for o, _ in refused):
-                signature = "→ " + ", ".join(hosts)
             if all(_offsite(o) for o, _ in refused):
-                verdict = "redirected"
+                verdict, signature = "redirected", "→ " + ", ".join(hosts)
                 reason = f"every page redirected to {', '.join(hosts)}"
                 if elsewhere:
                     reason += f"; {', '.join(elsewhere)} got the same URLs"
             elif elsewhere:
                 verdict = "geo-blocked"
+                signature = signed.most_common(1)[0][0] if signed else None
                 reason = f"{whys} here; {', '.join(elsewhere)} got the same URLs"
             elif signed:
-                verdict = "bot-blocked"
+                verdict, signature = "bot-blocked", signed.most_common(1)[0][0]
                 reason = f"{whys}; no region got these URLs"
             else:
                 verdict = "blocked-everywhere"

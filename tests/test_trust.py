@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from warcio.archiveiterator import ArchiveIterator
 
+from storage.models import fetches, items, runs
 from tests.harness import stack
 from tests.query_store import cli_json, free_port
 from tests.trustsite import Answer, card, html, region_views, regional_worker
@@ -145,3 +147,110 @@ def test_samples_tell_an_ab_test_from_a_regional_difference_and_warc_keeps_the_e
 
         bad = s.cli("export", "one", "--kind", "warc", "--run", "nope", "-o", str(warc))
         assert (bad.returncode, bad.stderr.strip()) == (2, "error: no run 'nope' in the store")
+
+
+# --- block pages: named by their signature, and never stored as data ---------------
+
+CLOUDFLARE_BAN = html(
+    "<title>Access denied | shop used Cloudflare to restrict access</title>"
+    "<h1>Error 1009</h1><p>Access denied</p><p>The owner of this website has banned the "
+    "country or region your IP address is in from accessing this website.</p>"
+    + card("P1", "Item P1", 10.0)  # a block page that looks like data must not become data
+)
+CAPTCHA_WALL = html(
+    '<form><div class="g-recaptcha" data-sitekey="x"></div>'
+    '<script src="https://www.google.com/recaptcha/api.js"></script></form>'
+    + card("P1", "Item P1", 10.0)
+)
+DATADOME = html(
+    "<script>var dd={'host':'geo.captcha-delivery.com'}</script>"
+    '<script src="https://ct.captcha-delivery.com/c.js"></script>' + card("P1", "Item P1", 10.0)
+)
+COUNTRY = "127.0.0.2"  # the "country site" au is sent to (loopback, through au's proxy)
+
+
+def blocking_shop(region: str, host: str, path: str, hit: int) -> Answer:
+    real = html("".join(card(sku, f"Item {sku}", 10.0) for sku in SKUS))
+    if path.startswith("/walled/"):  # bot protection for everyone
+        return 403, [("Set-Cookie", "datadome=abc; Path=/")], DATADOME
+    if region == "us":
+        return 403, [("Server", "cloudflare"), ("CF-RAY", "8a1b2c3d4e5f-FRA")], CLOUDFLARE_BAN
+    if region == "asia":
+        return 200, [], CAPTCHA_WALL
+    if region == "au" and host != COUNTRY:
+        return 302, [("Location", f"http://{COUNTRY}/au/prices.html")], b""
+    return 200, [], real
+
+
+BLOCK_CONFIG = """\
+regions:
+  eu: {{}}
+  us: {{}}
+  asia: {{}}
+  au: {{}}
+defaults:
+  politeness: {{delay: 0, robots: ignore}}
+  limits: {{timeout: 5s}}
+sites:
+  - name: shop
+    engine: requests
+    start_urls: ["http://127.0.0.1:{port}/shop/prices.html"]
+    regions: [eu, us, asia, au]
+    allow_hosts: ["127.0.0.1", "{country}"]
+{extract}
+  - name: walled
+    engine: requests
+    start_urls: ["http://127.0.0.1:{port}/walled/prices.html"]
+    regions: [eu, us, asia, au]
+    allow_hosts: ["127.0.0.1"]
+{extract}
+"""
+
+
+def test_block_pages_are_named_by_signature_and_never_stored_as_items(
+    tmp_path: Path, vhost_url: str, sqlite_url: str
+) -> None:
+    regions = ["eu", "us", "asia", "au"]
+    config = BLOCK_CONFIG.format(port=free_port(), country=COUNTRY, extract=EXTRACT)
+    with (
+        region_views(regions, blocking_shop) as ports,
+        stack(tmp_path, vhost_url, sqlite_url, config) as s,
+    ):
+        s.ingest()
+        for region, port in ports.items():
+            regional_worker(s, region, port)
+        for site in ("shop", "walled"):
+            done = s.cli("crawl", site, "--wait", "--timeout", "120", timeout=180)
+            assert done.returncode == 0, done.stdout + done.stderr
+
+        [shop] = cli_json(sqlite_url, "access", "shop")["rounds"]
+        assert [(c["region"], c["label"]) for c in shop["cells"]] == [
+            ("asia", "geo-blocked (recaptcha)"),  # a 200 captcha page is a block
+            ("au", f"redirected (→ {COUNTRY})"),
+            ("eu", "ok"),
+            ("us", "geo-blocked (cloudflare-country-ban)"),  # other regions got the page
+        ]
+        assert shop["identical"] is False
+        [walled] = cli_json(sqlite_url, "access", "walled")["rounds"]
+        assert {c["label"] for c in walled["cells"]} == {"bot-blocked (datadome)"}
+        table = s.cli("access", "shop")
+        assert "geo-blocked (cloudflare-country-ban)" in table.stdout, table.stdout
+
+        # Only eu's real page produced items: nothing from any block page or redirect.
+        with s.sessions()() as session:
+            stored = session.execute(select(items.c.site, items.c.region).distinct()).all()
+            blocks = session.execute(
+                select(runs.c.site, fetches.c.region, fetches.c.block).join(
+                    runs, runs.c.id == fetches.c.run_id
+                )
+            ).all()
+        assert stored == [("shop", "eu")]
+        assert sorted(blocks) == sorted(
+            [
+                ("shop", "asia", "recaptcha"),
+                ("shop", "au", "country-redirect"),
+                ("shop", "eu", None),
+                ("shop", "us", "cloudflare-country-ban"),
+                *(("walled", region, "datadome") for region in regions),
+            ]
+        )
