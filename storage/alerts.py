@@ -109,7 +109,7 @@ def enqueue(
                     region=region,
                     reason=reason,
                     run_id=run_id,
-                    sink=sink.model_dump(mode="json", by_alias=True),
+                    sink=sink.model_dump(mode="json", by_alias=True, exclude_none=True),
                     message=message,
                     status="pending",
                     attempts=0,

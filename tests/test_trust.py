@@ -7,15 +7,21 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import socket
+import threading
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
 from sqlalchemy import select
 from warcio.archiveiterator import ArchiveIterator
 
-from storage.models import fetches, items, runs
-from tests.harness import stack
+from storage.models import alerts, fetches, items, runs
+from tests.harness import Stack, stack, wait_until
 from tests.query_store import cli_json, free_port
 from tests.trustsite import Answer, card, html, region_views, regional_worker
 
@@ -254,3 +260,172 @@ def test_block_pages_are_named_by_signature_and_never_stored_as_items(
                 *(("walled", region, "datadome") for region in regions),
             ]
         )
+
+
+# --- monitors and alerts: a region whose items drop is degraded, and told once ------
+
+MON_CONFIG = """\
+regions:
+  eu: {{}}
+  us: {{}}
+defaults:
+  politeness: {{delay: 0, robots: ignore}}
+  limits: {{timeout: 5s}}
+sites:
+  - name: mon
+    engine: requests
+    start_urls: ["http://127.0.0.1:{port}/mon/prices.html"]
+    regions: [eu, us]
+    allow_hosts: ["127.0.0.1"]
+    expect: {{drop: 50%, drop_runs: 5, items: {{min: 1}}}}
+    alerts:
+      every: 1h
+      timeout: 2s
+      webhooks: [{{url: "http://127.0.0.1:{hook}/alerts"}}]
+      email: {{smtp: "127.0.0.1:{smtp}", from: geoscrape@example.org, to: [ops@example.org]}}
+{extract}
+"""
+
+
+def shrinking_shop(region: str, host: str, path: str, hit: int) -> Answer:
+    count = 2 if region == "eu" else 10  # eu lost 80% of its items (a broken page?)
+    return 200, [], html("".join(card(f"P{i}", f"Item {i}", 10.0 + i) for i in range(count)))
+
+
+def seed_history(db_url: str) -> None:
+    """Five earlier succeeded runs of 10 items per region, through the real writer."""
+    from regions.messages import RunFinished, RunQueued, RunStats
+    from storage.db import make_engine, session_factory
+    from storage.migrate import ensure_schema
+    from storage.writer import apply_message
+
+    ensure_schema(db_url)
+    engine = make_engine(db_url)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    with session_factory(engine).begin() as session:
+        for region in ("eu", "us"):
+            for day in range(5):
+                run_id, at = f"old-{region}-{day}", start + timedelta(days=day)
+                common = {"run_id": run_id, "site": "mon", "region": region}
+                apply_message(session, RunQueued(**common, queued_at=at))
+                stats = RunStats(pages=1, items=10, status_codes={"200": 1})
+                apply_message(
+                    session, RunFinished(**common, status="succeeded", finished_at=at, stats=stats)
+                )
+    engine.dispose()
+
+
+class Mailbox:
+    """An aiosmtpd handler that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.mails: list[bytes] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.mails.append(bytes(envelope.content))
+        return "250 OK"
+
+
+class Receiver(BaseHTTPRequestHandler):
+    posts: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.posts.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def run_statuses(s: Stack) -> dict[str, list[str]]:
+    with s.sessions()() as session:
+        rows = session.execute(
+            select(runs.c.region, runs.c.status)
+            .where(runs.c.site == "mon", ~runs.c.id.startswith("old-"))
+            .order_by(runs.c.queued_at)
+        ).all()
+    found: dict[str, list[str]] = {}
+    for region, status in rows:
+        found.setdefault(region, []).append(status)
+    return found
+
+
+def alert_rows(s: Stack) -> list[tuple[str, str, str, str]]:
+    with s.sessions()() as session:
+        rows = session.execute(
+            select(alerts.c.region, alerts.c.reason, alerts.c.sink, alerts.c.status).order_by(
+                alerts.c.id
+            )
+        ).all()
+    return [(r, reason, next(iter(sink)), st) for r, reason, sink, st in rows]
+
+
+def test_a_region_whose_items_drop_is_degraded_and_alerted_once_without_holding_up_ingest(
+    tmp_path: Path, vhost_url: str, sqlite_url: str
+) -> None:
+    hook_port, smtp_port = free_port(), free_port()
+    # The webhook receiver is "down" at first: it accepts connections and never answers.
+    hanging = socket.socket()
+    hanging.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hanging.bind(("127.0.0.1", hook_port))
+    hanging.listen(16)
+    mailbox = Mailbox()
+    smtp = Controller(mailbox, hostname="127.0.0.1", port=smtp_port)
+    smtp.start()
+    Receiver.posts = []
+    config = MON_CONFIG.format(port=free_port(), hook=hook_port, smtp=smtp_port, extract=EXTRACT)
+    seed_history(sqlite_url)
+    with ExitStack() as cleanup:
+        cleanup.callback(smtp.stop)
+        cleanup.callback(hanging.close)
+        ports = cleanup.enter_context(region_views(["eu", "us"], shrinking_shop))
+        s = cleanup.enter_context(stack(tmp_path, vhost_url, sqlite_url, config))
+        s.ingest()
+        for region, port in ports.items():
+            regional_worker(s, region, port)
+
+        done = s.cli("crawl", "mon", "--wait", "--timeout", "120", timeout=180)
+        assert done.returncode == 1, done.stdout + done.stderr  # a degraded run is no success
+        assert run_statuses(s) == {"eu": ["degraded"], "us": ["succeeded"]}
+        shown = s.cli("runs", "--site", "mon", "--status", "degraded")
+        assert shown.returncode == 0, shown.stderr
+        assert "degraded" in shown.stdout and "more than 50% below" in shown.stdout, shown.stdout
+        with s.sessions()() as session:
+            [(reasons,)] = session.execute(
+                select(runs.c.reasons).where(runs.c.status == "degraded")
+            ).all()
+        assert reasons == [
+            {
+                "check": "drop",
+                "message": "2 items, more than 50% below the median 10 of the last 5 runs",
+            }
+        ]
+
+        # The e-mail arrives; the webhook alert waits for its receiver, retried.
+        wait_until(lambda: mailbox.mails, timeout=60, what="the alert e-mail")
+        assert b"mon/eu degraded: drop" in mailbox.mails[0]
+        assert alert_rows(s) == [
+            ("eu", "drop", "webhook", "pending"),
+            ("eu", "drop", "email", "sent"),
+        ]
+
+        # Ingest is not held up meanwhile: a second round is written in full,
+        # and the same reason is not alerted again within `every`.
+        again = s.cli("crawl", "mon", "--wait", "--timeout", "120", timeout=180)
+        assert again.returncode == 1, again.stdout + again.stderr
+        assert run_statuses(s) == {"eu": ["degraded"] * 2, "us": ["succeeded"] * 2}
+        assert alert_rows(s)[0][3] == "pending" and len(alert_rows(s)) == 2
+
+        # The receiver comes up: exactly one webhook, for eu only.
+        hanging.close()
+        receiver = ThreadingHTTPServer(("127.0.0.1", hook_port), Receiver)
+        threading.Thread(target=receiver.serve_forever, daemon=True).start()
+        cleanup.callback(receiver.server_close)
+        cleanup.callback(receiver.shutdown)
+        wait_until(lambda: alert_rows(s)[0][3] == "sent", timeout=90, what="the webhook delivered")
+        assert [(p["site"], p["region"], p["status"], p["reason"]) for p in Receiver.posts] == [
+            ("mon", "eu", "degraded", "drop")
+        ]
+        assert len(mailbox.mails) == 1
