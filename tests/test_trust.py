@@ -4,6 +4,7 @@ monitors and alerts, WARC evidence."""
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import json
@@ -429,3 +430,39 @@ def test_a_region_whose_items_drop_is_degraded_and_alerted_once_without_holding_
             ("mon", "eu", "degraded", "drop")
         ]
         assert len(mailbox.mails) == 1
+
+
+# --- the Scrapy engine: the same evidence, nothing taken from a block page -------------
+
+
+def test_scrapy_engine_records_digests_and_follows_nothing_from_a_block_page() -> None:
+    from tests.test_crawl import Run, make_job
+
+    wall = CAPTCHA_WALL.replace(b"</form>", b'</form><a href="/real.html">real</a>')
+    real = html(card("P9", "Item P9", 9.0))
+
+    def render(region: str, host: str, path: str, hit: int) -> Answer:
+        return 200, [], wall if path == "/" else real
+
+    with region_views(["site"], render) as ports:
+        base = f"http://127.0.0.1:{ports['site']}"
+        job = make_job(
+            start_urls=[f"{base}/", f"{base}/real.html?direct=1"],
+            follow={"allow": ["."]},
+            keep_bodies=True,
+            extract={
+                "items": "div.product",
+                "key": "sku",
+                "fields": {"sku": {"css": "::attr(data-sku)"}},
+            },
+        )
+        run = Run(job)
+    assert run.finished.status == "succeeded", run.finished.error
+    by_url = {f.url: f for f in run.fetches}
+    assert set(by_url) == {f"{base}/", f"{base}/real.html?direct=1"}  # the wall's link: no
+    wall_fetch = by_url[f"{base}/"]
+    assert (wall_fetch.block, wall_fetch.bytes) == ("recaptcha", len(wall))
+    assert wall_fetch.sha256 == hashlib.sha256(wall).hexdigest()
+    assert wall_fetch.body is not None and base64.b64decode(wall_fetch.body) == wall
+    assert by_url[f"{base}/real.html?direct=1"].block is None
+    assert [i.key for i in run.items] == ["P9"]  # only the real page's item
