@@ -228,9 +228,9 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture
-def sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
-    ensure_schema(sqlite_url)
-    engine = make_engine(sqlite_url)
+def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
+    ensure_schema(db_url)
+    engine = make_engine(db_url)
     yield session_factory(engine)
     engine.dispose()
 
@@ -307,3 +307,40 @@ def test_alerts_are_enqueued_once_per_reason_within_every(
     with sessions() as session:
         rows = session.execute(select(alerts.c.run_id, alerts.c.reason)).all()
     assert sorted(rows) == [("d0", "drop"), ("f", "failed")]
+
+
+def test_samples_digests_and_bodies_are_stored_apart(sessions: sessionmaker[Session]) -> None:
+    from regions.messages import Fetch
+    from storage.compare import extra_samples
+    from storage.evidence import run_fetches
+    from storage.models import bodies, items, observations
+
+    ids = {"run_id": "r", "site": "shop", "region": "eu"}
+    digest = "ab" * 32
+    batch = ItemBatch(
+        **ids,
+        seq=0,
+        observed_at=T0,
+        items=[
+            ScrapedItem(key="k", url="u", data={"price": 1.0}),
+            ScrapedItem(key="k", url="u", data={"price": 2.0}, sample=1),
+        ],
+        fetches=[
+            Fetch(url="u", status=200, bytes=3, sha256=digest, body="YWJj", headers=[("A", "b")]),
+            Fetch(url="u", status=200, bytes=3, sha256=digest, sample=1, block="recaptcha"),
+        ],
+    )
+    with sessions.begin() as session:
+        apply_message(session, batch)
+        apply_message(session, batch)  # a redelivery adds nothing
+    with sessions() as session:
+        assert session.execute(select(items.c.data)).scalars().all() == [{"price": 1.0}]
+        assert len(session.execute(select(observations.c.id)).all()) == 1
+        assert extra_samples(session, "r") == {"k": [{"price": 2.0}]}
+        assert [(f.sample, f.sha256, f.block) for f in run_fetches(session, "r")] == [
+            (0, digest, None),
+            (1, digest, "recaptcha"),
+        ]
+        assert session.execute(select(bodies.c.body, bodies.c.headers)).all() == [
+            (b"abc", [["A", "b"]])
+        ]
