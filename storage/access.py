@@ -213,7 +213,7 @@ class AccessResult(BaseModel):
     rounds: list[Round]  # newest first
 
 
-def _outcomes(session: Session, run_id: str) -> list[Outcome]:
+def fetch_outcomes(session: Session, run_id: str) -> list[Outcome]:
     stmt = (
         select(
             fetches.c.url,
@@ -253,7 +253,7 @@ def access(session: Session, site: str, rounds: int = 5, region: str | None = No
     ordered = sorted(by_round.items(), key=lambda kv: _sort_key(kv[1]), reverse=True)[:rounds]
     out: list[Round] = []
     for name, refs in ordered:
-        outcomes = {r: _outcomes(session, ref.id) for r, ref in refs.items()}
+        outcomes = {r: fetch_outcomes(session, ref.id) for r, ref in refs.items()}
         finished = {r: ref.status not in ("queued", "running") for r, ref in refs.items()}
         cells = classify(outcomes, finished)
         row = []

@@ -36,6 +36,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from scheduler.config import CompareSettings, Tolerance
+from storage.access import fetch_outcomes, identical
 from storage.errors import QueryError
 from storage.models import contents, item_samples
 from storage.snapshots import (
@@ -105,6 +106,9 @@ class CompareResult(_Model):
     total: int  # rows (after only_diff)
     offset: int = 0
     rows: list[CompareRow]
+    # Every region's run got byte-identical pages (equal sha256 for every URL): then
+    # nothing can differ. None when a run has no digests (stored before issue 14).
+    identical: bool | None = None
 
 
 def _is_number(value: Any) -> bool:
@@ -357,4 +361,5 @@ def compare(
         total=cmp.total,
         offset=offset,
         rows=rows,
+        identical=identical({r: fetch_outcomes(session, ref.id) for r, ref in cmp.runs.items()}),
     )

@@ -81,6 +81,7 @@ LATEST = {
     "total": 3,
     "offset": 0,
     "rows": [ROW_A, ROW_B, ROW_C],
+    "identical": None,  # the store's fetches carry no digests
 }
 
 

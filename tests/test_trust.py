@@ -113,6 +113,7 @@ def test_samples_tell_an_ab_test_from_a_regional_difference_and_warc_keeps_the_e
         assert verdicts(two, "price") == {"noisy"}
         assert verdicts(two, "shipping") == {"differs"}
         assert verdicts(two, "name") == {"same"}
+        assert two["identical"] is False  # the cheap answer: the pages differ somewhere
         counts = {f["field"]: f["counts"] for f in two["summary"]}
         n = len(SKUS)
         assert counts["price"] == {"same": 0, "differs": 0, "noisy": n, "missing": 0}

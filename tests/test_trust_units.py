@@ -344,3 +344,15 @@ def test_samples_digests_and_bodies_are_stored_apart(sessions: sessionmaker[Sess
         assert session.execute(select(bodies.c.body, bodies.c.headers)).all() == [
             (b"abc", [["A", "b"]])
         ]
+
+
+def test_equal_digests_answer_identical_everywhere() -> None:
+    from storage.access import identical
+
+    def outs(*digests: str | None) -> list[Outcome]:
+        return [Outcome(f"{URL}?{i}", 200, sha256=d) for i, d in enumerate(digests)]
+
+    assert identical({"eu": outs("a", "b"), "us": outs("a", "b")}) is True
+    assert identical({"eu": outs("a", "b"), "us": outs("a", "c")}) is False
+    assert identical({"eu": outs("a"), "us": outs(None)}) is None  # no digest: no answer
+    assert identical({"eu": outs("a")}) is None  # one region: nothing to compare
