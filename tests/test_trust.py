@@ -81,6 +81,25 @@ sites:
 """
 
 
+def crawl_all(s: Stack, sites: list[str], regions: int) -> None:
+    """Dispatch a crawl of each site at once, then wait until every run succeeded."""
+    for site in sites[:-1]:
+        queued = s.cli("crawl", site)
+        assert queued.returncode == 0, queued.stdout + queued.stderr
+    done = s.cli("crawl", sites[-1], "--wait", "--timeout", "150", timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    def statuses() -> list[str]:
+        with s.sessions()() as session:
+            return list(session.scalars(select(runs.c.status).where(runs.c.site.in_(sites))))
+
+    wait_until(
+        lambda: statuses() == ["succeeded"] * (len(sites) * regions),
+        timeout=60,
+        what=f"the runs of {sites}",
+    )
+
+
 def verdicts(result: dict[str, Any], field: str) -> set[str]:
     return {row["verdicts"][field] for row in result["rows"]}
 
@@ -96,9 +115,7 @@ def test_samples_tell_an_ab_test_from_a_regional_difference_and_warc_keeps_the_e
         s.ingest()
         for region, port in ports.items():
             regional_worker(s, region, port)
-        for site in ("one", "two"):
-            done = s.cli("crawl", site, "--wait", "--timeout", "120", timeout=180)
-            assert done.returncode == 0, done.stdout + done.stderr
+        crawl_all(s, ["one", "two"], regions=2)
 
         # One sample per region: the A/B test reads as a regional price difference.
         one = cli_json(sqlite_url, "compare", "one")
@@ -227,9 +244,7 @@ def test_block_pages_are_named_by_signature_and_never_stored_as_items(
         s.ingest()
         for region, port in ports.items():
             regional_worker(s, region, port)
-        for site in ("shop", "walled"):
-            done = s.cli("crawl", site, "--wait", "--timeout", "120", timeout=180)
-            assert done.returncode == 0, done.stdout + done.stderr
+        crawl_all(s, ["shop", "walled"], regions=4)
 
         [shop] = cli_json(sqlite_url, "access", "shop")["rounds"]
         assert [(c["region"], c["label"]) for c in shop["cells"]] == [
