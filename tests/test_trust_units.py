@@ -356,3 +356,15 @@ def test_equal_digests_answer_identical_everywhere() -> None:
     assert identical({"eu": outs("a", "b"), "us": outs("a", "c")}) is False
     assert identical({"eu": outs("a"), "us": outs(None)}) is None  # no digest: no answer
     assert identical({"eu": outs("a")}) is None  # one region: nothing to compare
+
+
+def test_batches_with_kept_bodies_are_cut_by_size() -> None:
+    from regions.messages import Fetch
+    from scraper.batching import MAX_BODY_CHARS, Batcher
+
+    batcher = Batcher("r", "shop", "eu", max_entries=100)
+    body = "A" * (MAX_BODY_CHARS // 2)
+    assert batcher.add_fetch(Fetch(url="u1", status=200, body=body)) is None
+    batch = batcher.add_fetch(Fetch(url="u2", status=200, body=body))
+    assert batch is not None and [f.url for f in batch.fetches] == ["u1", "u2"]
+    assert batcher.add_fetch(Fetch(url="u3", status=200)) is None  # the count starts over
