@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import smtplib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any, cast
@@ -128,21 +128,17 @@ def summary(message: dict[str, Any]) -> str:
     )
 
 
-def deliver(sink: Sink, message: dict[str, Any]) -> None:
-    """Send one alert to one sink; AlertDeliveryError when it is not taken."""
-    try:
-        if sink.webhook is not None:
-            body = message if sink.webhook.format == "json" else {"text": summary(message)}
-            response = requests.post(sink.webhook.url, json=body, timeout=sink.timeout)
-            if not 200 <= response.status_code < 300:
-                raise AlertDeliveryError(f"webhook answered HTTP {response.status_code}")
-        elif sink.email is not None:
-            _mail(sink.email, message, sink.timeout)
-    except (requests.RequestException, smtplib.SMTPException, OSError) as exc:
-        raise AlertDeliveryError(f"{type(exc).__name__}: {exc}"[:500]) from exc
+def _webhook(sink: Sink, message: dict[str, Any]) -> None:
+    assert sink.webhook is not None
+    body = message if sink.webhook.format == "json" else {"text": summary(message)}
+    response = requests.post(sink.webhook.url, json=body, timeout=sink.timeout)
+    if not 200 <= response.status_code < 300:
+        raise AlertDeliveryError(f"webhook answered HTTP {response.status_code}")
 
 
-def _mail(email: Email, message: dict[str, Any], timeout: float) -> None:
+def _mail(sink: Sink, message: dict[str, Any]) -> None:
+    email = sink.email
+    assert email is not None
     host, port = parse_allow_host(email.smtp)
     mail = EmailMessage()
     mail["From"] = email.sender
@@ -152,12 +148,28 @@ def _mail(email: Email, message: dict[str, Any], timeout: float) -> None:
         f"{message['reason']}"
     )
     mail.set_content(summary(message))
-    with smtplib.SMTP(host, port or 25, timeout=timeout) as smtp:
+    with smtplib.SMTP(host, port or 25, timeout=sink.timeout) as smtp:
         if email.starttls:
             smtp.starttls()
         if email.username is not None:
             smtp.login(email.username, email.password or "")
         smtp.send_message(mail)
+
+
+# One sender per kind of sink (the Sink field that is set).
+SENDERS: dict[str, Callable[[Sink, dict[str, Any]], None]] = {
+    "webhook": _webhook,
+    "email": _mail,
+}
+
+
+def deliver(sink: Sink, message: dict[str, Any]) -> None:
+    """Send one alert to one sink; AlertDeliveryError when it is not taken."""
+    kind = next(name for name in SENDERS if getattr(sink, name) is not None)
+    try:
+        SENDERS[kind](sink, message)
+    except (requests.RequestException, smtplib.SMTPException, OSError) as exc:
+        raise AlertDeliveryError(f"{type(exc).__name__}: {exc}"[:500]) from exc
 
 
 def deliver_due(sessions: sessionmaker[Session], now: datetime | None = None) -> int:

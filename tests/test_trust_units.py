@@ -368,3 +368,38 @@ def test_batches_with_kept_bodies_are_cut_by_size() -> None:
     batch = batcher.add_fetch(Fetch(url="u2", status=200, body=body))
     assert batch is not None and [f.url for f in batch.fetches] == ["u1", "u2"]
     assert batcher.add_fetch(Fetch(url="u3", status=200)) is None  # the count starts over
+
+
+def test_slack_webhooks_get_a_text_and_refusals_are_delivery_errors() -> None:
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from scheduler.config import Webhook
+    from storage.alerts import AlertDeliveryError, Sink, deliver
+
+    got: list[dict[str, Any]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200 if self.path == "/ok" else 500)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    message = {"site": "shop", "region": "eu", "run_id": "r1", "status": "degraded",
+               "reason": "drop", "detail": "2 items", "at": "now"}  # fmt: skip
+    try:
+        deliver(Sink(webhook=Webhook(url=f"{base}/ok", format="slack")), message)
+        assert got == [{"text": "geoscrape: run r1 of shop in eu degraded: drop: 2 items"}]
+        with pytest.raises(AlertDeliveryError, match="HTTP 500"):
+            deliver(Sink(webhook=Webhook(url=f"{base}/broken")), message)
+        assert got[-1] == message  # the generic JSON
+    finally:
+        server.shutdown()
+        server.server_close()
