@@ -445,7 +445,7 @@ def test_a_region_whose_items_drop_is_degraded_and_alerted_once_without_holding_
         threading.Thread(target=receiver.serve_forever, daemon=True).start()
         cleanup.callback(receiver.server_close)
         cleanup.callback(receiver.shutdown)
-        wait_until(lambda: alert_rows(s)[0][3] == "sent", timeout=90, what="the webhook delivered")
+        wait_until(lambda: alert_rows(s)[0][3] == "sent", timeout=150, what="the webhook delivered")
         assert [(p["site"], p["region"], p["status"], p["reason"]) for p in Receiver.posts] == [
             ("mon", "eu", "degraded", "drop")
         ]
