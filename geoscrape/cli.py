@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from geoscrape import cli_query, cli_regions, cli_reliability, cli_schedule, output
+from geoscrape import cli_query, cli_regions, cli_reliability, cli_schedule, cli_trust, output
 from geoscrape.clikit import DEFAULT_CONFIG, ConfigOption, database_url, err, out, sessions
 from regions.errors import RegionsError
 from scheduler.errors import SchedulerError
@@ -240,7 +240,7 @@ def dev_shop(
     serve_main(["--host", host, "--port", str(port), "--products", str(products)])
 
 
-for area in (cli_schedule, cli_regions, cli_query, cli_reliability):
+for area in (cli_schedule, cli_regions, cli_query, cli_reliability, cli_trust):
     area.register(app)
 
 ERRORS = (SchedulerError, RegionsError, ScraperError, StorageError)

@@ -28,6 +28,7 @@ class ExportKind(enum.StrEnum):
     items = "items"
     observations = "observations"
     compare = "compare"
+    warc = "warc"  # a run's kept response bodies (--run RUN; keep_bodies: true)
 
 
 class ExportFormat(enum.StrEnum):
@@ -110,7 +111,9 @@ def register(app: typer.Typer) -> None:
                     if f in row.spread:
                         s = row.spread[f]
                         flat.update({f"{f}.min": s.min, f"{f}.max": s.max, f"{f}.ratio": s.ratio})
+                    flat[f"{f}.verdict"] = row.verdicts.get(f)
                 flat["differs"] = ",".join(row.differs)
+                flat["noisy"] = ",".join(row.noisy)
                 flat["missing"] = ",".join(row.missing)
                 rows.append(flat)
             print_csv(rows)
@@ -208,10 +211,27 @@ def register(app: typer.Typer) -> None:
         only_diff: Annotated[
             bool, typer.Option("--only-diff", help="compare: only diffs.")
         ] = False,
+        run: Annotated[
+            str | None, typer.Option("--run", help="warc: the run whose responses to write.")
+        ] = None,
     ) -> None:
-        """Stream SITE's items, observations or compare to a CSV, JSONL or Parquet file."""
+        """Stream SITE's items, observations or compare to a CSV, JSONL or Parquet file,
+        or one run's kept responses to a WARC file (--kind warc --run RUN)."""
+        from storage.errors import QueryError
         from storage.export import export as run_export
         from storage.since import parse_since
+
+        if kind is ExportKind.warc:
+            from storage.evidence import write_warc
+
+            if run is None:
+                raise QueryError("export --kind warc needs --run RUN")
+            with sessions()() as session:
+                records = write_warc(session, site, run, output)
+            err.print(f"wrote {records} WARC records to {output}", highlight=False)
+            return
+        if run is not None:
+            raise QueryError("export: --run applies to --kind warc only")
 
         when = parse_since(since, what="--since") if since is not None else None
         with sessions()() as session:

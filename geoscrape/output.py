@@ -23,7 +23,13 @@ class Format(enum.StrEnum):
     jsonl = "jsonl"
 
 
-STATUS_STYLE = {"succeeded": "green", "failed": "red", "running": "yellow", "queued": "blue"}
+STATUS_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "degraded": "magenta",
+    "running": "yellow",
+    "queued": "blue",
+}
 
 
 def redact_db(url: str) -> str:

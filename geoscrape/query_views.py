@@ -9,13 +9,20 @@ from rich.console import Console
 from rich.table import Table
 
 from storage.access import AccessResult
-from storage.compare import CompareResult
+from storage.compare import VERDICTS, CompareResult
 from storage.history import ChangesResult, HistoryResult
 
 VERDICT_STYLE = {
     "ok": "green",
     "geo-blocked": "red",
+    "bot-blocked": "magenta",
+    "redirected": "red",
     "blocked-everywhere": "magenta",
+    # compare verdicts
+    "same": "green",
+    "differs": "bold red",
+    "noisy": "yellow",
+    "missing": "blue",
     "unreachable": "yellow",
     "partial": "yellow",
     "pending": "blue",
@@ -41,6 +48,7 @@ def print_compare(console: Console, result: CompareResult) -> None:
             table.add_column(f"{field}@{region}")
         if any(s.field == field and s.numeric for s in result.summary):
             table.add_column(f"{field} max/min", justify="right")
+        table.add_column(field)
     table.add_column("missing")
     for row in result.rows:
         cells = [row.key]
@@ -52,16 +60,21 @@ def print_compare(console: Console, result: CompareResult) -> None:
             if any(s.field == field and s.numeric for s in result.summary):
                 spread = row.spread.get(field)
                 cells.append(f"{spread.ratio:.3f}" if spread and spread.ratio else "-")
+            verdict = row.verdicts.get(field, "-")
+            cells.append(f"[{VERDICT_STYLE.get(verdict, '')}]{verdict}[/]")
         cells.append(", ".join(row.missing))
         table.add_row(*cells)
     console.print(table)
     runs = ", ".join(f"{r.region}={(r.run_id or '-')[:8]}" for r in result.runs)
     console.print(f"{result.total} keys; runs: {runs}", highlight=False)
     _print_unverified(console, result.unverified, result.verified_only)
-    summary = Table("field", "type", "differing", *(f"missing@{r}" for r in result.regions))
+    summary = Table("field", "type", *VERDICTS, *(f"missing@{r}" for r in result.regions))
     for s in result.summary:
         summary.add_row(
-            s.field, s.type, str(s.differing), *(str(s.missing[r]) for r in result.regions)
+            s.field,
+            s.type,
+            *(str(s.counts.get(v, 0)) for v in VERDICTS),
+            *(str(s.missing[r]) for r in result.regions),
         )
     console.print(summary)
 
@@ -88,13 +101,14 @@ def print_access(console: Console, result: AccessResult) -> None:
             c = rnd.cells[i]
             style = VERDICT_STYLE.get(c.verdict, "")
             codes = " ".join(f"{k}x{v}" for k, v in c.statuses.items())
-            cells.append(f"[{style}]{c.verdict}[/]\n{codes}")
+            label = c.label.replace("[", r"\[")
+            cells.append(f"[{style}]{label}[/]\n{codes}")
         table.add_row(*cells)
     console.print(table)
     _print_unverified(console, result.unverified, result.verified_only)
     for rnd in result.rounds[:1]:
         for c in rnd.cells:
-            console.print(f"{c.region}: {c.verdict}: {c.reason}", highlight=False, markup=False)
+            console.print(f"{c.region}: {c.label}: {c.reason}", highlight=False, markup=False)
             for e in c.evidence:
                 console.print(
                     f"  {e.why}: {e.url}" + (f" -> {e.final_url}" if e.final_url else ""),

@@ -21,10 +21,16 @@ MAX_INT64 = 2**63 - 1
 Count = Annotated[int, Field(ge=0, le=MAX_INT64)]
 
 # skipped: the scheduler did not dispatch a tick (overlap); expired: no worker
-# started the job in time; dead: the job was dead-lettered after failing repeatedly.
-FinalStatus = Literal["succeeded", "failed", "skipped", "expired", "dead"]
-RunStatus = Literal["queued", "running", "succeeded", "failed", "skipped", "expired", "dead"]
-FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "skipped", "expired", "dead"})
+# started the job in time; dead: the job was dead-lettered after failing repeatedly;
+# degraded: the crawl succeeded but failed one of the site's `expect:` checks
+# (set centrally by storage/monitors.py, never sent by a worker).
+FinalStatus = Literal["succeeded", "failed", "skipped", "expired", "dead", "degraded"]
+RunStatus = Literal[
+    "queued", "running", "succeeded", "failed", "skipped", "expired", "dead", "degraded"
+]
+FINAL_STATUSES: frozenset[str] = frozenset(
+    {"succeeded", "failed", "skipped", "expired", "dead", "degraded"}
+)
 
 
 def utcnow() -> datetime:
@@ -79,6 +85,9 @@ class ScrapedItem(BaseModel):
     key: str
     url: str
     data: dict[str, Any]
+    # Which fetch of the page this came from (compare.samples): 0 is the run's
+    # own observation, 1.. the extra samples kept for noise-controlled compare.
+    sample: int = Field(0, ge=0, le=100)
 
 
 class Fetch(BaseModel):
@@ -89,6 +98,12 @@ class Fetch(BaseModel):
     error: str | None = None
     final_url: str | None = None  # after redirects, when it differs
     exit: str | None = None  # the public address the request left from, when known
+    sample: int = Field(0, ge=0, le=100)  # as ScrapedItem.sample
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # of the body as received
+    block: str | None = None  # the block signature the response matched (scraper/blocks.py)
+    # Only with keep_bodies: the body (base64) and response headers, for WARC export.
+    body: str | None = None
+    headers: list[tuple[str, str]] | None = None
 
 
 class RunQueued(_Message):

@@ -324,6 +324,115 @@ class Browser(_Model):
         return wait
 
 
+def parse_share(value: Any) -> Any:
+    """A share in [0, 1] from "95%" or 0.95."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            return float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"not a percentage: {value!r} (use e.g. 5%)") from None
+    return value
+
+
+Share = Annotated[float, BeforeValidator(parse_share), Field(ge=0, le=1)]
+
+
+class Tolerance(_Model):
+    """How far two numbers may be apart and still count as equal: relative + absolute."""
+
+    relative: float = Field(0.0, ge=0)  # a share of the larger magnitude
+    absolute: float = Field(0.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        # "1%" is relative; a plain number is an absolute amount.
+        if isinstance(value, str):
+            return {"relative": parse_share(value)}
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return {"absolute": value}
+        return value
+
+
+class CompareSettings(_Model):
+    """`compare:` on a site: how many samples per page, and how to read them."""
+
+    samples: int = Field(1, ge=1, le=10)  # fetches of each page per run
+    window: Duration = 10.0  # the samples of one page are taken within this time
+    tolerance: Tolerance = Tolerance()
+
+
+class BlockSignature(_Model):
+    """A block page: every condition given must hold (body: any one pattern)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    kind: Literal["geo", "bot", "captcha", "redirect"] = "bot"
+    status: list[int] = []  # empty: any status
+    headers: dict[str, Annotated[str, AfterValidator(_check_regex)]] = {}  # name -> regex
+    body: Regexes = []  # any one matches (case-insensitive)
+    redirect: Annotated[str, AfterValidator(_check_regex)] | None = None  # on the final URL
+    offsite: bool = False  # a redirect that left the host asked for (www. aside)
+
+    @model_validator(mode="after")
+    def _some_condition(self) -> BlockSignature:
+        if not (self.status or self.headers or self.body or self.redirect or self.offsite):
+            raise ValueError(
+                "a signature needs at least one of status, headers, body, redirect, offsite"
+            )
+        return self
+
+
+class Access(_Model):
+    signatures: list[BlockSignature] = []  # checked before the built-in set
+
+
+class ItemsExpectation(_Model):
+    min: int = Field(0, ge=0)
+
+
+class StatusExpectation(_Model):
+    max_errors: Share = 1.0  # share of fetches that failed or answered >= 400
+
+
+class Expect(_Model):
+    """`expect:` on a site: per-region data-quality checks after every run."""
+
+    items: ItemsExpectation | None = None
+    coverage: dict[str, Share] = {}  # field -> least share of items with it non-empty
+    drop: Share | None = None  # items below (1 - drop) x the median of the last runs
+    drop_runs: int = Field(5, ge=1, le=100)  # how many earlier successful runs
+    status: StatusExpectation | None = None
+
+
+class Webhook(_Model):
+    url: str = Field(pattern=r"^https?://")
+    format: Literal["json", "slack"] = "json"
+
+
+class Email(_Model):
+    smtp: str  # host:port
+    sender: str = Field(alias="from")
+    to: list[str] = Field(min_length=1)
+    username: str | None = None
+    password: str | None = None
+    starttls: bool = False
+
+    @field_validator("smtp")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        parse_allow_host(value)
+        return value
+
+
+class Alerts(_Model):
+    """`alerts:` on a site: where degraded/failed/dead runs are reported."""
+
+    every: Duration = 3600.0  # at most one alert per (site, region, reason) in this time
+    timeout: Duration = 10.0  # per delivery attempt
+    webhooks: list[Webhook] = []
+    email: Email | None = None
+
+
 class Defaults(_Model):
     schedule: Schedule | None = None
     politeness: Politeness = Politeness()
@@ -354,6 +463,11 @@ class Site(_Model):
     project: str | None = None
     spider_args: SpiderArgs = {}  # passed to the spider, as `scrapy crawl -a`
     browser: Browser | None = None  # engine 'browser' only
+    compare: CompareSettings = CompareSettings()
+    access: Access = Access()
+    expect: Expect | None = None
+    alerts: Alerts | None = None
+    keep_bodies: bool = False  # store response bodies (for `export --kind warc`)
 
     @model_validator(mode="after")
     def _runnable(self) -> Site:
@@ -381,6 +495,8 @@ class Site(_Model):
             raise ValueError("'browser' settings need 'engine: browser'")
         if self.engine == "browser" and self.spider is not None:
             raise ValueError("engine 'browser' runs the generic spider; drop 'spider'")
+        if self.compare.samples > 1 and (self.engine != "requests" or self.spider is not None):
+            raise ValueError("compare.samples > 1 needs engine 'requests' (for now)")
         return self
 
     @field_validator("regions")
@@ -418,6 +534,12 @@ class ResolvedSite(_Model):
     # Defaults for jobs dispatched before Scrapy projects were supported.
     project: str | None = None
     spider_args: SpiderArgs = {}
+    # Defaults for jobs dispatched before issue 14 (docs/TRUST.md).
+    compare: CompareSettings = CompareSettings()
+    access: Access = Access()
+    expect: Expect | None = None
+    alerts: Alerts | None = None
+    keep_bodies: bool = False
 
 
 def _check_region_name(name: str) -> str:
@@ -494,6 +616,11 @@ class Config(_Model):
             allow_networks=_union(self.defaults.allow_networks, site.allow_networks),
             project=site.project,
             spider_args=site.spider_args,
+            compare=site.compare,
+            access=site.access,
+            expect=site.expect,
+            alerts=site.alerts,
+            keep_bodies=site.keep_bodies,
         )
 
 

@@ -2,7 +2,9 @@
 
 A batch is cut when it holds `max_entries` entries (items + fetches, so a
 message stays bounded either way) or when its oldest entry has waited
-`max_seconds`. Batches are numbered from 0 (`seq`); empty batches are never
+`max_seconds`, or as soon as the response bodies it carries (keep_bodies)
+reach MAX_BODY_CHARS, so a message stays well under the broker's size limit.
+Batches are numbered from 0 (`seq`); empty batches are never
 produced. Pure and clock-injectable: the runner drives it, tests use a fake clock.
 """
 
@@ -12,6 +14,8 @@ import time
 from collections.abc import Callable
 
 from regions.messages import Fetch, ItemBatch, ScrapedItem, utcnow
+
+MAX_BODY_CHARS = 8 * 1024 * 1024  # base64 body text per batch (one body may exceed it)
 
 
 class Batcher:
@@ -36,6 +40,7 @@ class Batcher:
         self._items: list[ScrapedItem] = []
         self._fetches: list[Fetch] = []
         self._opened_at: float | None = None  # when the pending batch got its first entry
+        self._body_chars = 0
         self.next_seq = 0
 
     def __len__(self) -> int:
@@ -52,6 +57,7 @@ class Batcher:
         """Add a fetch; returns the batch it completed, if any."""
         self._opened()
         self._fetches.append(fetch)
+        self._body_chars += len(fetch.body or "")
         return self._cut_if_full()
 
     def deadline(self) -> float | None:
@@ -80,6 +86,7 @@ class Batcher:
         )
         self.next_seq += 1
         self._items, self._fetches, self._opened_at = [], [], None
+        self._body_chars = 0
         return batch
 
     def _opened(self) -> None:
@@ -87,4 +94,5 @@ class Batcher:
             self._opened_at = self._clock()
 
     def _cut_if_full(self) -> ItemBatch | None:
-        return self.flush() if len(self) >= self.max_entries else None
+        full = len(self) >= self.max_entries or self._body_chars >= MAX_BODY_CHARS
+        return self.flush() if full else None

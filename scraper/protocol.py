@@ -104,8 +104,9 @@ class StatsTracker:
             self.errors += 1
         self.bytes += fetch.bytes
 
-    def add_item(self) -> None:
-        self.items += 1
+    def add_item(self, item: ScrapedItem) -> None:
+        if item.sample == 0:  # extra samples are the same items again, not more of them
+            self.items += 1
 
     def add_error(self) -> None:
         self.errors += 1
@@ -128,15 +129,15 @@ class StatsTracker:
 class Recorder:
     """The child's side: writes events and keeps the run's stats.
 
-    Thread-safe. Items are deduplicated by key (an item is identified by
-    (run_id, key), so a repeat would only overwrite the first).
+    Thread-safe. Items are deduplicated by (sample, key) (an item is identified
+    by (run_id, sample, key), so a repeat would only overwrite the first).
     """
 
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
         self._lock = threading.Lock()
         self.stats = StatsTracker()
-        self._keys: set[str] = set()
+        self._keys: set[tuple[int, str]] = set()
         self.duplicates = 0
         self.first_error: Fetch | None = None
         self.limits_hit: list[str] = []  # crawl-wide limits that cut the run short
@@ -158,11 +159,11 @@ class Recorder:
     def item(self, item: ScrapedItem) -> bool:
         """Record an item; False (and nothing written) for a repeated key."""
         with self._lock:
-            if item.key in self._keys:
+            if (item.sample, item.key) in self._keys:
                 self.duplicates += 1
                 return False
-            self._keys.add(item.key)
-            self.stats.add_item()
+            self._keys.add((item.sample, item.key))
+            self.stats.add_item(item)
             self._write(encode_item(item))
             return True
 

@@ -28,6 +28,7 @@ from regions.messages import Fetch
 from scheduler.config import ResolvedSite
 from scraper.egress import ChildEgress, Exit, Exits, NoExitLeft
 from scraper.errors import ScraperError
+from scraper.evidence import inspect
 from scraper.extract import extract_items, page_selector
 from scraper.protocol import Recorder
 from scraper.ssrf import REFUSED, Guard, SSRFRefused
@@ -238,7 +239,18 @@ def run(site: ResolvedSite, recorder: Recorder, exits: Exits | None = None) -> s
             if requested and site.politeness.delay > 0:
                 time.sleep(site.politeness.delay)
             requested += 1
-            if not _fetch_through(session, site, url, recorder, exits):
+            # Each sample of a page goes out through the exits like any request;
+            # samples stay within compare.window of each other.
+            exit_left = True
+            for sample in range(site.compare.samples):
+                if sample:
+                    pause = min(site.politeness.delay, site.compare.window / site.compare.samples)
+                    if pause > 0:
+                        time.sleep(pause)
+                exit_left = _fetch_through(session, site, url, recorder, exits, sample)
+                if not exit_left:
+                    break
+            if not exit_left:
                 break  # no exit left: nothing more may go out
     if robots is not None and robots.forbidden and recorder.stats.pages == 0:
         return f"no page was fetched ({robots.forbidden} URL(s) forbidden by robots.txt)"
@@ -263,7 +275,12 @@ def _through(
 
 
 def _fetch_through(
-    session: requests.Session, site: ResolvedSite, url: str, recorder: Recorder, exits: Exits
+    session: requests.Session,
+    site: ResolvedSite,
+    url: str,
+    recorder: Recorder,
+    exits: Exits,
+    sample: int = 0,
 ) -> bool:
     """Fetch `url` through the next exit, failing over to the others (per-request
     rotation). False when no exit is left."""
@@ -274,7 +291,7 @@ def _fetch_through(
             recorder.fetch(Fetch(url=url, status=None, error=f"no egress exit left: {exc}"[:300]))
             return False
         _use(session, exit_)
-        failure = _fetch_one(session, site, url, recorder, exit_, exits.proxied)
+        failure = _fetch_one(session, site, url, recorder, exit_, exits.proxied, sample)
         if failure is None:
             return True
         assert exit_ is not None  # a proxy failure needs a proxy
@@ -307,6 +324,7 @@ def _fetch_one(
     recorder: Recorder,
     exit_: Exit | None = None,
     proxied: bool = False,
+    sample: int = 0,
 ) -> BaseException | None:
     """Fetch and record `url`; a proxy failure is returned unrecorded (the caller fails over)."""
     assert site.extract is not None
@@ -318,9 +336,14 @@ def _fetch_one(
         if proxied and is_proxy_error(exc):
             return exc
         log.warning("fetch failed: %s: %s", url, exc)
-        recorder.fetch(Fetch(url=url, status=None, error=short_error(exc), exit=address))
+        recorder.fetch(
+            Fetch(url=url, status=None, error=short_error(exc), exit=address, sample=sample)
+        )
         return None
     final_url = response.url if response.url != url else None
+    facts = inspect(
+        site, url, response.url, response.status_code, list(response.headers.items()), body
+    )
     recorder.fetch(
         Fetch(
             url=url,
@@ -328,8 +351,13 @@ def _fetch_one(
             bytes=len(body),
             final_url=final_url,
             exit=address,
+            sample=sample,
+            **facts.fields(),
         )
     )
+    if facts.block is not None:
+        log.info("block page (%s): %s", facts.block, url)
+        return None  # whatever a block page holds is not the site's data
     if not 200 <= response.status_code < 300:
         return None
     _, text = html_to_unicode(response.headers.get("Content-Type"), body)
@@ -339,5 +367,5 @@ def _fetch_one(
     for problem in problems:
         log.warning("%s", problem)
     for item in items:
-        recorder.item(item)
+        recorder.item(item.model_copy(update={"sample": sample}) if sample else item)
     return None

@@ -366,7 +366,7 @@ def _handle(
         return None
     batch = None
     if isinstance(event, ScrapedItem):
-        stats.add_item()
+        stats.add_item(event)
         batch = batcher.add_item(event)
     elif isinstance(event, Fetch):
         stats.add_fetch(event)

@@ -48,6 +48,7 @@ from regions.messages import Fetch, ScrapedItem
 from scheduler.config import ResolvedSite
 from scraper.egress import ChildEgress, Exit, Exits, NoExitLeft
 from scraper.errors import ScraperError
+from scraper.evidence import inspect
 from scraper.extract import extract_items
 from scraper.project import (
     GEOSCRAPE_MIDDLEWARES,
@@ -73,6 +74,9 @@ EXIT_META = "geoscrape_exit"  # the scraper.egress.Exit a request goes out throu
 # deep-copies settings, so they cannot travel there). One crawl per process, so
 # one global each is enough.
 _recorder: Recorder | None = None
+_site: ResolvedSite | None = None
+# request.meta key: the block signature the response matched (scraper/blocks.py).
+BLOCK_META = "geoscrape_block"
 _guard: Guard | None = None
 _exits: Exits | None = None
 
@@ -169,6 +173,8 @@ class FetchRecorderMiddleware:
         if _recorder is None:
             raise ScraperError("FetchRecorderMiddleware runs only inside scrapy_engine.run()")
         self.recorder: Recorder = _recorder
+        assert _site is not None  # set together with _recorder
+        self.site: ResolvedSite = _site
         self.max_pages: int = crawler.settings.getint("GEOSCRAPE_MAX_PAGES")
         self.max_depth: int = crawler.settings.getint("GEOSCRAPE_MAX_DEPTH")
         self.responses = 0
@@ -205,6 +211,13 @@ class FetchRecorderMiddleware:
             raise IgnoreRequest("max_pages reached")
         self.responses += 1
         origin = (request.meta.get("redirect_urls") or [request.url])[0]
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, values in response.headers.items()
+            for v in values
+        ]
+        facts = inspect(self.site, origin, response.url, response.status, headers, response.body)
+        request.meta[BLOCK_META] = facts.block  # the spider extracts nothing from a block page
         self.recorder.fetch(
             Fetch(
                 url=origin,
@@ -212,6 +225,7 @@ class FetchRecorderMiddleware:
                 bytes=len(response.body),
                 final_url=response.url if response.url != origin else None,
                 exit=exit_address(request),
+                **facts.fields(),
             )
         )
         if self._limit_reached():
@@ -393,6 +407,8 @@ class SiteSpider(scrapy.Spider):
     def parse(self, response: Response, **kwargs: Any) -> Iterator[Any]:
         if not 200 <= response.status < 300 or not isinstance(response, TextResponse):
             return
+        if response.meta.get(BLOCK_META):
+            return  # a block page: neither its items nor its links are the site's
         if self.site.extract is not None:
             # Parsed as the site says (html by default), not as Scrapy's response
             # type suggests: an XML declaration must not turn XHTML into XML.
@@ -448,7 +464,7 @@ def run(
     `settings` replaces `settings_for(site)` (engine browser passes its own).
     Returns a note explaining an empty run, or None; raises CrawlCrashed.
     """
-    global _recorder, _guard, _exits
+    global _recorder, _guard, _exits, _site
     project = project or site.project
     exits = exits or Exits(ChildEgress())
     socks = [e.label for e in exits.exits if e.proxy and not e.proxy.startswith("http")]
@@ -470,6 +486,7 @@ def run(
     key_field = site.extract.key if site.extract is not None else None
 
     _recorder = recorder
+    _site = site
     _guard = Guard.for_site(site).with_proxies(exits.endpoints())
     _exits = exits
     logging.root.handlers.clear()  # Scrapy installs its own stderr handler (LOG_LEVEL)
@@ -483,6 +500,8 @@ def run(
     crashes: list[str] = []
 
     def on_item(item: Any, response: Response | None = None, **_: Any) -> None:
+        if response is not None and response.meta.get(BLOCK_META):
+            return  # a user spider's item from a block page is not data
         if isinstance(item, Extracted):
             recorder.item(item.item)
             return

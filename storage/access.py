@@ -4,13 +4,23 @@ Per site, per round of runs (a tick, or one `geoscrape crawl`), each region's
 run gets one verdict from what it fetched:
 
 - ``ok``: pages came back (2xx/3xx on the site), nothing refused or unreachable.
-- ``geo-blocked``: every response refused (403/451, a captcha page, or a
-  redirect off the site) while another region got 2xx for the same URLs.
-- ``blocked-everywhere``: every response refused and no region got those URLs
-  (likely bot protection, not geography).
+- ``geo-blocked``: every response refused (403/451, a block page the worker
+  recognised by its signature, a captcha page, or a redirect off the site)
+  while another region got the real page for the same URLs.
+- ``bot-blocked``: every response was a recognised block page (signature) and
+  no region got those URLs: bot protection, not geography.
+- ``redirected``: every response was a redirect to another host (a country site)
+  and no region got the real page either.
+- ``blocked-everywhere``: every response refused without a known signature
+  (403/451) and no region got those URLs.
 - ``unreachable``: no HTTP response at all (network errors).
 - ``partial``: some pages came back, others were refused or unreachable.
 - ``pending``: the run has not finished and fetched nothing yet.
+
+A verdict cites its cause in ``signature``: the block signature's name
+(``geo-blocked (cloudflare-country-ban)``), or ``→ host`` for a redirect.
+``label`` is the verdict with its cause. A round is ``identical`` when every
+region got byte-identical pages (equal sha256 digests for every URL).
 
 ``classify`` is a pure function of the fetch outcomes; ``access`` reads them
 from the store.
@@ -26,14 +36,23 @@ from datetime import datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, computed_field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.models import fetches
 from storage.snapshots import RunRef, site_runs
 
-Verdict = Literal["ok", "geo-blocked", "blocked-everywhere", "unreachable", "partial", "pending"]
+Verdict = Literal[
+    "ok",
+    "geo-blocked",
+    "bot-blocked",
+    "redirected",
+    "blocked-everywhere",
+    "unreachable",
+    "partial",
+    "pending",
+]
 REFUSAL_STATUSES = frozenset({403, 451})
 CAPTCHA = re.compile(r"captcha|challenge|are-you-human|bot-check", re.IGNORECASE)
 MAX_EVIDENCE = 5
@@ -47,6 +66,8 @@ class Outcome:
     status: int | None
     final_url: str | None = None
     error: str | None = None
+    block: str | None = None  # the block signature the worker matched
+    sha256: str | None = None
 
 
 def _host(url: str) -> str:
@@ -57,12 +78,21 @@ def refusal(o: Outcome) -> str | None:
     """Why this fetch counts as refused (None: it does not)."""
     if o.status is None:
         return None
+    if o.block is not None:
+        return o.block
     if o.status in REFUSAL_STATUSES:
         return f"HTTP {o.status}"
     if o.final_url and CAPTCHA.search(urlsplit(o.final_url).path):
         return "captcha page"
     if o.final_url and _host(o.final_url) != _host(o.url):
         return f"redirect off the site to {_host(o.final_url)}"
+    return None
+
+
+def _offsite(o: Outcome) -> str | None:
+    """The other host a redirect ended on (None: not a redirect off the site)."""
+    if o.final_url and _host(o.final_url).removeprefix("www.") != _host(o.url).removeprefix("www."):
+        return _host(o.final_url)
     return None
 
 
@@ -86,10 +116,17 @@ class Cell(BaseModel):
     region: str
     verdict: Verdict
     reason: str
+    signature: str | None = None  # the cause: a block signature's name, or "→ host"
     run_id: str | None = None
     run_status: str | None = None
     statuses: dict[str, int] = {}  # "200" -> n, "error" -> n (network errors)
     evidence: list[Evidence] = []
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def label(self) -> str:
+        """The verdict with its cause, e.g. "geo-blocked (cloudflare-country-ban)"."""
+        return f"{self.verdict} ({self.signature})" if self.signature else self.verdict
 
 
 def classify(
@@ -111,6 +148,7 @@ def classify(
             for o in errors[: max(0, MAX_EVIDENCE - len(refused))]
         ]
         verdict: Verdict
+        signature: str | None = None
         if not outs:
             done = finished.get(region, True) if finished else True
             verdict, reason = (
@@ -126,9 +164,20 @@ def classify(
                 other for other, ok in good_urls.items() if other != region and ok & urls
             )
             whys = ", ".join(sorted({why for _, why in refused}))
-            if elsewhere:
+            signed = Counter(o.block for o, _ in refused if o.block is not None)
+            hosts = sorted({h for o, _ in refused if (h := _offsite(o))})
+            if all(_offsite(o) for o, _ in refused):
+                verdict, signature = "redirected", "→ " + ", ".join(hosts)
+                reason = f"every page redirected to {', '.join(hosts)}"
+                if elsewhere:
+                    reason += f"; {', '.join(elsewhere)} got the same URLs"
+            elif elsewhere:
                 verdict = "geo-blocked"
+                signature = signed.most_common(1)[0][0] if signed else None
                 reason = f"{whys} here; {', '.join(elsewhere)} got the same URLs"
+            elif signed:
+                verdict, signature = "bot-blocked", signed.most_common(1)[0][0]
+                reason = f"{whys}; no region got these URLs"
             else:
                 verdict = "blocked-everywhere"
                 reason = f"{whys}; no region got these URLs"
@@ -141,6 +190,7 @@ def classify(
             region=region,
             verdict=verdict,
             reason=reason,
+            signature=signature,
             statuses=dict(sorted(statuses.items())),
             evidence=evidence,
         )
@@ -152,6 +202,8 @@ class Round(BaseModel):
     round: str  # the tick, or the dispatch time of a manual crawl
     at: datetime | None
     cells: list[Cell]  # one per region of the site, in region order
+    # Every region got byte-identical pages (equal digests); None: no digests to compare.
+    identical: bool | None = None
 
 
 class AccessResult(BaseModel):
@@ -163,13 +215,32 @@ class AccessResult(BaseModel):
     unverified: list[str] = []  # shown regions with verdicts from runs with unverified egress
 
 
-def _outcomes(session: Session, run_id: str) -> list[Outcome]:
+def fetch_outcomes(session: Session, run_id: str) -> list[Outcome]:
     stmt = (
-        select(fetches.c.url, fetches.c.status, fetches.c.final_url, fetches.c.error)
+        select(
+            fetches.c.url,
+            fetches.c.status,
+            fetches.c.final_url,
+            fetches.c.error,
+            fetches.c.block,
+            fetches.c.sha256,
+        )
         .where(fetches.c.run_id == run_id)
         .order_by(fetches.c.id)
     )
-    return [Outcome(url=u, status=s, final_url=f, error=e) for u, s, f, e in session.execute(stmt)]
+    return [
+        Outcome(url=u, status=s, final_url=f, error=e, block=b, sha256=h)
+        for u, s, f, e, b, h in session.execute(stmt)
+    ]
+
+
+def identical(outcomes: Mapping[str, Sequence[Outcome]]) -> bool | None:
+    """Whether every region got the same bytes for every URL (None: nothing to say)."""
+    digests = {region: {o.url: o.sha256 for o in outs} for region, outs in outcomes.items()}
+    if len(digests) < 2 or any(not d or None in d.values() for d in digests.values()):
+        return None
+    first, *others = digests.values()
+    return all(d == first for d in others)
 
 
 def access(
@@ -195,7 +266,7 @@ def access(
     unverified: set[str] = set()
     for name, refs in ordered:
         unverified |= {r for r, ref in refs.items() if not ref.verified and r in shown}
-        outcomes = {r: _outcomes(session, ref.id) for r, ref in refs.items()}
+        outcomes = {r: fetch_outcomes(session, ref.id) for r, ref in refs.items()}
         finished = {r: ref.status not in ("queued", "running") for r, ref in refs.items()}
         cells = classify(outcomes, finished)
         row = []
@@ -208,7 +279,7 @@ def access(
             if cell.verdict == "unreachable" and not outcomes[r] and run.error:
                 cell = cell.model_copy(update={"reason": f"run {run.status}: {run.error}"})
             row.append(cell.model_copy(update={"run_id": run.id, "run_status": run.status}))
-        out.append(Round(round=name, at=_began(refs), cells=row))
+        out.append(Round(round=name, at=_began(refs), cells=row, identical=identical(outcomes)))
     return AccessResult(
         site=site,
         regions=shown,

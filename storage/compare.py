@@ -4,11 +4,23 @@
     result = compare(session, "shop", tick="t1")      # the runs of one tick
     for row in Comparison(session, "shop").rows():    # streaming, for exports
 
-A field *differs* for a key when the regions that have the key disagree on
-its value; a region is *missing* a key it did not observe (for the summary: or
-whose value is null). Numeric fields (declared ``price``/``int``/``float`` in
-the site's config snapshot, else every value a number) get a spread: min, max
-and max/min.
+Each field of each key gets a verdict (``verdicts``), from the value *sets*
+of the regions: a region's set holds its run's value and, with
+``compare: {samples: N}``, the values its extra samples saw (item_samples):
+
+- ``differs``: two regions' sets do not overlap (numbers: their ranges, each
+  widened by ``compare.tolerance``, do not touch), so the difference between
+  regions is larger than the spread inside each;
+- ``noisy``: the sets overlap, but some region saw more than one value (an A/B
+  test or personalisation, not geography);
+- ``missing``: the sets agree, but some region did not observe the key;
+- ``same``: every region saw the one same value.
+
+``differs`` (the fields whose verdict is differs) and ``missing`` (regions
+that did not observe the key; for the summary: or whose value is null) keep
+their meaning from one-sample compares. Numeric fields (declared
+``price``/``int``/``float`` in the site's config snapshot, else every value a
+number) get a spread: min, max and max/min.
 """
 
 from __future__ import annotations
@@ -17,12 +29,16 @@ import heapq
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from itertools import groupby
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from scheduler.config import CompareSettings, Tolerance
+from storage.access import fetch_outcomes, identical
 from storage.errors import QueryError
+from storage.models import contents, item_samples
 from storage.snapshots import (
     RunRef,
     declared_fields,
@@ -46,12 +62,20 @@ class Spread(_Model):
     ratio: float | None  # max/min; None when min <= 0
 
 
+Verdict = Literal["same", "differs", "noisy", "missing"]
+VERDICTS: tuple[Verdict, ...] = ("same", "differs", "noisy", "missing")
+
+
 class CompareRow(_Model):
     key: str
     values: dict[str, dict[str, Any]]  # field -> region -> value (None: missing)
     differs: list[str]  # fields whose values differ between the regions that have the key
     missing: list[str]  # regions that did not observe the key
     spread: dict[str, Spread] = {}  # numeric fields with at least one value
+    verdicts: dict[str, Verdict] = {}  # field -> same | differs | noisy | missing
+    noisy: list[str] = []  # fields that vary inside at least one region
+    # With samples > 1: field -> region -> every distinct value its samples saw.
+    samples: dict[str, dict[str, list[Any]]] = {}
 
 
 class FieldSummary(_Model):
@@ -60,6 +84,7 @@ class FieldSummary(_Model):
     numeric: bool
     differing: int  # keys whose value differs between regions
     missing: dict[str, int]  # region -> keys missing there (not observed, or null)
+    counts: dict[str, int] = {}  # verdict -> keys (same, differs, noisy, missing)
 
 
 class CompareRun(_Model):
@@ -85,10 +110,67 @@ class CompareResult(_Model):
     rows: list[CompareRow]
     verified_only: bool = False  # runs with unverified egress were left out
     unverified: list[str] = []  # regions whose rows come from runs with unverified egress
+    # Every region's run got byte-identical pages (equal sha256 for every URL): then
+    # nothing can differ. None when a run has no digests (stored before issue 14).
+    identical: bool | None = None
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _distinct(values: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for value in values:
+        if value not in out:
+            out.append(value)
+    return out
+
+
+def _slack(low: float, high: float, tol: Tolerance) -> float:
+    return tol.absolute + tol.relative * max(abs(low), abs(high))
+
+
+def _same_values(values: list[Any], tol: Tolerance) -> bool:
+    """One value, or numbers all within the tolerance of each other."""
+    if len(values) <= 1:
+        return True
+    if all(_is_number(v) for v in values):
+        return max(values) - min(values) <= _slack(min(values), max(values), tol)
+    return False
+
+
+def _overlap(a: list[Any], b: list[Any], tol: Tolerance) -> bool:
+    """Whether two regions' value sets could be the same distribution."""
+    if a and b and all(_is_number(v) for v in [*a, *b]):
+        gap = max(min(a), min(b)) - min(max(a), max(b))  # > 0: the ranges are apart
+        return gap <= _slack(min(*a, *b), max(*a, *b), tol)
+    return any(v in b for v in a)
+
+
+def _verdict(sets: dict[str, list[Any]], tol: Tolerance, missing: bool) -> Verdict:
+    regions = list(sets)
+    for i, first in enumerate(regions):
+        for second in regions[i + 1 :]:
+            if not _overlap(sets[first], sets[second], tol):
+                return "differs"
+    if any(not _same_values(values, tol) for values in sets.values()):
+        return "noisy"
+    return "missing" if missing else "same"
+
+
+def extra_samples(session: Session, run_id: str) -> dict[str, list[dict[str, Any]]]:
+    """key -> the data of each extra sample (1..) of ``run_id``."""
+    stmt = (
+        select(item_samples.c.key, contents.c.data)
+        .join(contents, contents.c.hash == item_samples.c.content_hash)
+        .where(item_samples.c.run_id == run_id)
+        .order_by(item_samples.c.sample)
+    )
+    found: dict[str, list[dict[str, Any]]] = {}
+    for key, data in session.execute(stmt):
+        found.setdefault(key, []).append(data)
+    return found
 
 
 class Comparison:
@@ -128,8 +210,14 @@ class Comparison:
         )
         self.unverified = sorted(r for r, ref in self.runs.items() if not ref.verified)
         self.regions = sorted(set(all_regions) | set(self.runs))
-        declared, key_field = declared_fields(site_config(session, site))
+        config = site_config(session, site)
+        declared, key_field = declared_fields(config)
         self.declared = declared
+        try:
+            self.settings = CompareSettings.model_validate(config.get("compare") or {})
+        except ValidationError:
+            self.settings = CompareSettings()
+        self._extra = {region: extra_samples(session, ref.id) for region, ref in self.runs.items()}
         if fields:
             known = list(declared) if declared else self._observed_fields()
             unknown = [f for f in dict.fromkeys(fields) if f not in known]
@@ -146,6 +234,7 @@ class Comparison:
         self._numeric_seen = dict.fromkeys(self.fields, True)
         self._any_value = dict.fromkeys(self.fields, False)
         self._differing = dict.fromkeys(self.fields, 0)
+        self._counts = {f: dict.fromkeys(VERDICTS, 0) for f in self.fields}
         self._missing = {f: dict.fromkeys(self.regions, 0) for f in self.fields}
         self.total = 0
 
@@ -180,13 +269,28 @@ class Comparison:
     def _row(self, key: str, seen: dict[str, dict[str, Any]]) -> CompareRow:
         values: dict[str, dict[str, Any]] = {}
         differs: list[str] = []
+        noisy: list[str] = []
+        verdicts: dict[str, Verdict] = {}
+        sampled: dict[str, dict[str, list[Any]]] = {}
         spread: dict[str, Spread] = {}
+        missing = [r for r in self.regions if r not in seen]
+        extra = {r: self._extra.get(r, {}).get(key, []) for r in seen}
         for field in self.fields:
             per_region = {r: (seen[r].get(field) if r in seen else None) for r in self.regions}
             values[field] = per_region
-            present = [seen[r].get(field) for r in self.regions if r in seen]
-            if any(v != present[0] for v in present[1:]):
+            sets = {
+                r: _distinct([seen[r].get(field), *(d.get(field) for d in extra[r])])
+                for r in sorted(seen)
+            }
+            if any(extra.values()):
+                sampled[field] = sets
+            verdict = _verdict(sets, self.settings.tolerance, bool(missing))
+            verdicts[field] = verdict
+            if verdict == "differs":
                 differs.append(field)
+            if any(not _same_values(vs, self.settings.tolerance) for vs in sets.values()):
+                noisy.append(field)
+            present = [seen[r].get(field) for r in self.regions if r in seen]
             numbers = [v for v in present if v is not None]
             if numbers:
                 self._any_value[field] = True
@@ -197,14 +301,23 @@ class Comparison:
                     spread[field] = Spread(
                         min=low, max=high, ratio=round(high / low, 6) if low > 0 else None
                     )
-        missing = [r for r in self.regions if r not in seen]
-        return CompareRow(key=key, values=values, differs=differs, missing=missing, spread=spread)
+        return CompareRow(
+            key=key,
+            values=values,
+            differs=differs,
+            missing=missing,
+            spread=spread,
+            verdicts=verdicts,
+            noisy=noisy,
+            samples=sampled,
+        )
 
     def _count(self, row: CompareRow) -> None:
         self.total += 1
         for field in self.fields:
             if field in row.differs:
                 self._differing[field] += 1
+            self._counts[field][row.verdicts[field]] += 1
             for region, value in row.values[field].items():
                 if value is None:
                     self._missing[field][region] += 1
@@ -218,6 +331,7 @@ class Comparison:
                 numeric=self.is_numeric(f),
                 differing=self._differing[f],
                 missing=self._missing[f],
+                counts=self._counts[f],
             )
             for f in self.fields
         ]
@@ -274,4 +388,5 @@ def compare(
         rows=rows,
         verified_only=verified_only,
         unverified=cmp.unverified,
+        identical=identical({r: fetch_outcomes(session, ref.id) for r, ref in cmp.runs.items()}),
     )

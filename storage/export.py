@@ -198,6 +198,7 @@ def compare_table(
             columns.update(
                 {f"{field}.min": "float", f"{field}.max": "float", f"{field}.ratio": "float"}
             )
+        columns[f"{field}.verdict"] = "string"  # same | differs | noisy | missing
 
     def records() -> Iterator[dict[str, Any]]:
         for row in cmp.rows():
@@ -214,6 +215,7 @@ def compare_table(
                     record[f"{field}.min"] = spread.min if spread else None
                     record[f"{field}.max"] = spread.max if spread else None
                     record[f"{field}.ratio"] = spread.ratio if spread else None
+                record[f"{field}.verdict"] = row.verdicts.get(field)
             yield record
 
     return Table(columns, records())

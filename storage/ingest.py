@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from regions.bus import INGEST_QUEUE, connect, queue_depth
 from regions.messages import IngestMessage, MessageError, parse_ingest, utcnow
+from storage.alerts import AlertSender
 from storage.db import make_engine, session_factory
 from storage.deadletter import (
     DeadLetter,
@@ -362,8 +363,9 @@ def run_ingest(
 ) -> None:
     """Bring the schema to head, then consume the ingest queue until should_stop().
 
-    Also runs the reaper (storage/reaper.py) over the runs' leases; it
-    redelivers jobs through `publish_job` (regions.app.job_publisher).
+    Also runs the reaper (storage/reaper.py) over the runs' leases (it
+    redelivers jobs through `publish_job`, regions.app.job_publisher), and the
+    alert sender (storage/alerts.py) in a thread of its own.
     """
     lease, max_attempts = lease_settings()  # a bad setting fails before anything starts
     stopping = should_stop or (lambda: False)
@@ -383,8 +385,13 @@ def run_ingest(
     engine = make_engine(db_url)
     sessions = session_factory(engine)
     reaper = Reaper(sessions, publish_job, lease=lease, max_attempts=max_attempts)
+    # Alerts go out from their own thread: a slow or dead receiver never holds up a message.
+    sender = AlertSender(sessions)
+    sender.start()
     try:
         with connect(broker_url) as connection:
             Ingest(connection, sessions, should_stop=should_stop, ready=ready, reaper=reaper).run()
     finally:
+        sender.stop()
+        sender.join(timeout=15)
         engine.dispose()

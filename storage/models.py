@@ -11,6 +11,11 @@
 - ``dead_jobs``: dead-lettered jobs, kept for `geoscrape dead` and requeue.
 - ``workers``: regional workers as last heard from (heartbeats).
 - ``code_bundles``: Scrapy projects shipped by `geoscrape deploy`, by sha256.
+- ``item_samples`` / ``fetch_samples``: the extra samples of a page
+  (compare.samples > 1); sample 0 is in observations / fetches.
+- ``bodies``: response bodies of sites with keep_bodies (WARC export), kept out
+  of the hot tables.
+- ``alerts``: alerts to deliver (one row per sink), and delivered ones.
 
 Every timestamp is stored and returned as an aware UTC datetime.
 Schema changes go through an Alembic revision in storage/migrations/versions.
@@ -107,7 +112,7 @@ class Run(Base):
     region: Mapped[str] = mapped_column(String)
     trigger: Mapped[str] = mapped_column(String)
     tick: Mapped[str | None] = mapped_column(String)
-    # queued | running | succeeded | failed (later: skipped, expired, dead).
+    # queued | running | succeeded | failed | skipped | expired | dead | degraded.
     # A plain string, not a DB enum, so new statuses need no migration.
     status: Mapped[str] = mapped_column(String)
     queued_at: Mapped[datetime | None]
@@ -128,6 +133,8 @@ class Run(Base):
     # Where the run's traffic left from (regions.messages.EgressAttestation);
     # None: a worker from before attestation.
     egress: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # Why a run is `degraded`: the failed `expect:` checks (storage/monitors.py).
+    reasons: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
 
 
 class Worker(Base):
@@ -213,6 +220,84 @@ class FetchRecord(Base):
     final_url: Mapped[str | None] = mapped_column(Text)
     exit_address: Mapped[str | None] = mapped_column(String)  # the egress exit, when known
     fetched_at: Mapped[datetime]
+    sha256: Mapped[str | None] = mapped_column(String)  # of the body as received
+    block: Mapped[str | None] = mapped_column(String)  # block signature matched
+
+
+class ItemSample(Base):
+    """An item as an extra sample (1..) of its page saw it (sample 0: observations)."""
+
+    __tablename__ = "item_samples"
+    __table_args__ = (UniqueConstraint("run_id", "sample", "key"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    run_id: Mapped[str] = mapped_column(String, ForeignKey("runs.id", ondelete="CASCADE"))
+    sample: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(Text)
+    url: Mapped[str] = mapped_column(Text)
+    content_hash: Mapped[str] = mapped_column(String, ForeignKey("contents.hash"))
+    observed_at: Mapped[datetime]
+
+
+class FetchSample(Base):
+    """A fetch of an extra sample (1..) of a page (sample 0: fetches)."""
+
+    __tablename__ = "fetch_samples"
+    __table_args__ = (UniqueConstraint("run_id", "sample", "url"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    run_id: Mapped[str] = mapped_column(String, ForeignKey("runs.id", ondelete="CASCADE"))
+    sample: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[int | None] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    final_url: Mapped[str | None] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String)
+    block: Mapped[str | None] = mapped_column(String)
+    fetched_at: Mapped[datetime]
+
+
+class Body(Base):
+    """A response body kept for evidence (keep_bodies), bounded by limits.max_bytes."""
+
+    __tablename__ = "bodies"
+    __table_args__ = (UniqueConstraint("run_id", "sample", "url"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    run_id: Mapped[str] = mapped_column(String, ForeignKey("runs.id", ondelete="CASCADE"))
+    sample: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(Text)
+    final_url: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[int] = mapped_column(Integer)
+    headers: Mapped[list[list[str]]] = mapped_column(JSONType)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    sha256: Mapped[str] = mapped_column(String)
+    fetched_at: Mapped[datetime]
+
+
+class Alert(Base):
+    """One alert for one sink: pending until delivered (storage/alerts.py)."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        Index(None, "site", "region", "reason", "created_at"),  # the `every` window
+        Index(None, "status", "next_attempt_at"),  # the sender's scan
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    site: Mapped[str] = mapped_column(String)
+    region: Mapped[str] = mapped_column(String)
+    reason: Mapped[str] = mapped_column(String)  # drop, items, coverage:price, failed...
+    run_id: Mapped[str | None] = mapped_column(String)
+    sink: Mapped[dict[str, Any]] = mapped_column(JSONType)  # {"webhook": {...}} | {"email": ..}
+    message: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(String)  # pending | sent | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 class BadMessage(Base):
@@ -264,3 +349,7 @@ bad_messages = cast(Table, BadMessage.__table__)
 dead_jobs = cast(Table, DeadJob.__table__)
 workers = cast(Table, Worker.__table__)
 code_bundles = cast(Table, CodeBundle.__table__)
+item_samples = cast(Table, ItemSample.__table__)
+fetch_samples = cast(Table, FetchSample.__table__)
+bodies = cast(Table, Body.__table__)
+alerts = cast(Table, Alert.__table__)

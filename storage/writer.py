@@ -23,17 +23,20 @@ processes can apply messages concurrently.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, case, func, or_, update
+from pydantic import ValidationError
+from sqlalchemy import ColumnElement, Table, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from regions.messages import (
     FINAL_STATUSES,
+    Fetch,
     ItemBatch,
     RunFinished,
     RunProgress,
@@ -42,9 +45,23 @@ from regions.messages import (
     ScrapedItem,
     WorkerHeartbeat,
 )
+from scheduler.config import ResolvedSite
+from storage.alerts import ALERTED_STATUSES, enqueue
 from storage.content import content_hash
 from storage.errors import UnsupportedDatabaseError
-from storage.models import bad_messages, contents, fetches, items, observations, runs, workers
+from storage.models import (
+    bad_messages,
+    bodies,
+    contents,
+    fetch_samples,
+    fetches,
+    item_samples,
+    items,
+    observations,
+    runs,
+    workers,
+)
+from storage.monitors import evaluate
 
 # A status only moves to a higher rank. Statuses not listed (later: skipped,
 # expired, dead) are final.
@@ -198,18 +215,49 @@ def _apply_progress(session: Session, msg: RunProgress) -> None:
 
 
 def _apply_finished(session: Session, msg: RunFinished) -> None:
+    current = session.scalar(select(runs.c.status).where(runs.c.id == msg.run_id))
+    if current is not None and status_rank(current) >= FINAL_RANK:
+        return  # the first final status wins; a redelivery (or a late verdict) changes nothing
+    site = _job_site(session, msg.run_id)
+    status, reasons = msg.status, []
+    if status == "succeeded" and site is not None and site.expect is not None:
+        reasons = evaluate(session, msg.run_id, msg.site, msg.region, msg.stats, site.expect)
+        if reasons:
+            status = "degraded"
+    # A degraded run says why in its error too, so every view of runs shows it.
+    error = "; ".join([*(r.message for r in reasons), *([msg.error] if msg.error else [])])
     fields = {
         "finished_at": msg.finished_at,
         "stats": msg.stats.model_dump(mode="json"),
-        "error": msg.error,
+        "error": error or None,
+        "reasons": [r.model_dump() for r in reasons] or None,
     }
-    _ensure_run(session, msg, msg.status, **fields)
-    # The first final status wins; a redelivery (or a second, late verdict) changes nothing.
+    _ensure_run(session, msg, status, **fields)
     session.execute(
         update(runs)
         .where(runs.c.id == msg.run_id, _rank_of(runs.c.status) < FINAL_RANK)
-        .values(status=msg.status, **fields)
+        .values(status=status, **fields)
     )
+    if status in ALERTED_STATUSES and site is not None and site.alerts is not None:
+        told = [(r.check, r.message) for r in reasons] or [(status, msg.error or status)]
+        enqueue(
+            session,
+            site=msg.site,
+            region=msg.region,
+            run_id=msg.run_id,
+            status=status,
+            reasons=told,
+            config=site.alerts,
+        )
+
+
+def _job_site(session: Session, run_id: str) -> ResolvedSite | None:
+    """The site config the run was dispatched with (None: unknown or unreadable)."""
+    job = session.scalar(select(runs.c.job).where(runs.c.id == run_id))
+    try:
+        return ResolvedSite.model_validate((job or {}).get("config"))
+    except ValidationError:
+        return None
 
 
 # --- item batches ------------------------------------------------------------
@@ -228,13 +276,20 @@ def _apply_batch(session: Session, msg: ItemBatch) -> None:
     _renew_lease(session, msg.run_id, observed_at)
 
     # One row per key: the first occurrence in the batch, as observations keep it.
+    # Sample 0 is the run's observation; extra samples go to item_samples only.
     unique: dict[str, ScrapedItem] = {}
+    extra: dict[tuple[int, str], ScrapedItem] = {}
     for item in msg.items:
-        unique.setdefault(item.key, item)
+        if item.sample == 0:
+            unique.setdefault(item.key, item)
+        else:
+            extra.setdefault((item.sample, item.key), item)
     hashes = {key: content_hash(it.data) for key, it in unique.items()}
+    extra_hashes = {sk: content_hash(it.data) for sk, it in extra.items()}
 
     # Sorted, so two ingests inserting overlapping contents lock rows in one order.
     by_hash = {hashes[key]: it.data for key, it in unique.items()}
+    by_hash.update({extra_hashes[sk]: it.data for sk, it in extra.items()})
     _execute_many(
         session,
         insert(session, contents).on_conflict_do_nothing(index_elements=[contents.c.hash]),
@@ -302,22 +357,72 @@ def _apply_batch(session: Session, msg: ItemBatch) -> None:
 
     _execute_many(
         session,
-        insert(session, fetches).on_conflict_do_nothing(
-            index_elements=[fetches.c.run_id, fetches.c.url]
+        insert(session, item_samples).on_conflict_do_nothing(
+            index_elements=[item_samples.c.run_id, item_samples.c.sample, item_samples.c.key]
         ),
         (
             {
                 "run_id": msg.run_id,
-                "region": msg.region,
+                "sample": sample,
+                "key": key,
+                "url": it.url,
+                "content_hash": extra_hashes[sample, key],
+                "observed_at": observed_at,
+            }
+            for (sample, key), it in extra.items()
+        ),
+    )
+
+    def fetch_row(f: Fetch) -> dict[str, Any]:
+        return {
+            "run_id": msg.run_id,
+            "url": f.url,
+            "status": f.status,
+            "bytes": f.bytes,
+            "error": f.error,
+            "final_url": f.final_url,
+            "sha256": f.sha256,
+            "block": f.block,
+            "fetched_at": observed_at,
+        }
+
+    _execute_many(
+        session,
+        insert(session, fetches).on_conflict_do_nothing(
+            index_elements=[fetches.c.run_id, fetches.c.url]
+        ),
+        (
+            fetch_row(f) | {"region": msg.region, "exit_address": f.exit}
+            for f in msg.fetches
+            if f.sample == 0
+        ),
+    )
+    _execute_many(
+        session,
+        insert(session, fetch_samples).on_conflict_do_nothing(
+            index_elements=[fetch_samples.c.run_id, fetch_samples.c.sample, fetch_samples.c.url]
+        ),
+        (fetch_row(f) | {"sample": f.sample} for f in msg.fetches if f.sample > 0),
+    )
+    _execute_many(
+        session,
+        insert(session, bodies).on_conflict_do_nothing(
+            index_elements=[bodies.c.run_id, bodies.c.sample, bodies.c.url]
+        ),
+        (
+            {
+                "run_id": msg.run_id,
+                "sample": f.sample,
                 "url": f.url,
-                "status": f.status,
-                "bytes": f.bytes,
-                "error": f.error,
                 "final_url": f.final_url,
-                "exit_address": f.exit,
+                "status": f.status,
+                "headers": [list(h) for h in f.headers or []],
+                "body": base64.b64decode(f.body),
+                "sha256": f.sha256 or "",
                 "fetched_at": observed_at,
             }
             for f in msg.fetches
+            if f.body is not None and f.status is not None
         ),
     )
 

@@ -84,14 +84,17 @@ def session(store: str) -> Iterator[Session]:
 
 def expected_round(tick: str, at: str) -> dict:
     ok = {"statuses": {"200": 2}, "evidence": [], "reason": "2 of 2 URL(s) ok", "verdict": "ok",
-          "run_status": "succeeded"}  # fmt: skip
+          "run_status": "succeeded", "signature": None, "label": "ok"}  # fmt: skip
     return {
         "round": tick,
         "at": at,
+        "identical": None,  # the store's fetches carry no digests
         "cells": [
             {
                 "region": "asia",
                 "verdict": "geo-blocked",
+                "signature": None,
+                "label": "geo-blocked",
                 "reason": "HTTP 451, captcha page here; eu, us got the same URLs",
                 "run_id": f"{tick}-asia",
                 "run_status": "succeeded",

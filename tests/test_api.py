@@ -76,8 +76,8 @@ def test_api_errors_are_json_with_a_message(sqlite_url: str) -> None:
     with api_server(sqlite_url) as base:
         cases = [
             ("/runs", {"status": "sleeping"}, 400,
-             "status: 'sleeping' is not a run status (one of: dead, expired, failed, queued, "
-             "running, skipped, succeeded)"),
+             "status: 'sleeping' is not a run status (one of: dead, degraded, expired, failed, "
+             "queued, running, skipped, succeeded)"),
             ("/runs", {"since": "last week"}, 400,
              "since: 'last week' is neither a duration (30m, 12h, 1d, 2w) nor an ISO date/time"),
             ("/runs", {"limit": "0"}, 400,

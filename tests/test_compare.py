@@ -25,6 +25,13 @@ def row(key: str, name: dict[str, Any], price: dict[str, Any], differs: list[str
         "differs": differs,
         "missing": missing,
         "spread": {"price": {"min": low, "max": high, "ratio": ratio}},
+        # One sample per region: a field differs or not; no field is noisy.
+        "verdicts": {
+            f: "differs" if f in differs else "missing" if missing else "same"
+            for f in ("name", "price")
+        },
+        "noisy": [],
+        "samples": {},
     }
 
 
@@ -43,10 +50,16 @@ def runs(tick: str) -> list[dict[str, Any]]:
 
 def summary(differing: int, us_missing: int) -> list[dict[str, Any]]:
     missing = {"asia": 3, "eu": 0, "us": us_missing}
+
+    # asia misses every key, so every key that does not differ is "missing"
+    def counts(differs: int) -> dict[str, int]:
+        return {"same": 0, "differs": differs, "noisy": 0, "missing": 3 - differs}
+
     return [
-        {"field": "name", "type": "str", "numeric": False, "differing": 0, "missing": missing},
+        {"field": "name", "type": "str", "numeric": False, "differing": 0, "missing": missing,
+         "counts": counts(0)},
         {"field": "price", "type": "price", "numeric": True, "differing": differing,
-         "missing": missing},
+         "missing": missing, "counts": counts(differing)},
     ]  # fmt: skip
 
 
@@ -71,6 +84,7 @@ LATEST = {
     # The store's runs carry no egress attestation: unverified (issue 9).
     "verified_only": False,
     "unverified": REGIONS,
+    "identical": None,  # the store's fetches carry no digests
 }
 
 

@@ -6,6 +6,7 @@ redirects and slow pages, a tiny extra server defined here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -369,8 +370,14 @@ def test_requests_engine_prices_page_finds_exactly_the_catalog(shop: ShopServer)
     assert_well_formed(run, job)
     assert run.products() == catalog_products(shop.catalog)
     assert len(run.items) == 60
+    page = requests.get(f"{shop.url}/prices.html", timeout=5).content
     assert run.fetches == [
-        Fetch(url=f"{shop.url}/prices.html", status=200, bytes=run.fetches[0].bytes)
+        Fetch(
+            url=f"{shop.url}/prices.html",
+            status=200,
+            bytes=len(page),
+            sha256=hashlib.sha256(page).hexdigest(),
+        )
     ]
     assert run.fetches[0].bytes == len(requests.get(f"{shop.url}/prices.html", timeout=5).content)
     assert run.finished.stats.model_dump(exclude={"duration", "bytes", "peak_rss", "dropped"}) == {
@@ -401,12 +408,16 @@ def test_requests_engine_follows_redirects_and_records_final_url(
 ) -> None:
     run = Run(prices_job(shop, start_urls=[f"{extra}/moved", f"{shop.url}/nope.html"]))
     assert run.finished.status == "succeeded"
-    assert run.fetches[0].model_dump(exclude={"bytes"}) == {
+    assert run.fetches[0].model_dump(exclude={"bytes", "sha256"}) == {
         "url": f"{extra}/moved",
         "status": 200,
         "error": None,
         "final_url": f"{shop.url}/prices.html",
         "exit": None,  # no egress proxy: the worker's own network
+        "sample": 0,
+        "block": None,
+        "body": None,
+        "headers": None,
     }
     assert (run.fetches[1].status, run.fetches[1].final_url) == (404, None)
     assert run.products() == catalog_products(shop.catalog)

@@ -144,8 +144,10 @@ def test_100k_items_to_each_format_read_back_equal(big_store: Session, tmp_path:
     first = pq.read_table(cmp).slice(1, 1).to_pylist()
     assert first == [{"key": "K000001", "missing": "", "differs": "name,price",
                       "name.eu": item_data(1, "eu")["name"], "name.us": item_data(1, "us")["name"],
+                      "name.verdict": "differs",
                       "price.eu": 0.37, "price.us": 1.87, "price.min": 0.37, "price.max": 1.87,
-                      "price.ratio": round(1.87 / 0.37, 6)}]  # fmt: skip
+                      "price.ratio": round(1.87 / 0.37, 6),
+                      "price.verdict": "differs"}]  # fmt: skip
 
 
 def test_bad_export_requests(sqlite_url: str, tmp_path: Path) -> None:
@@ -175,8 +177,10 @@ def test_cli_export_of_the_known_store(sqlite_url: str, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in target.read_text().splitlines()]
     assert rows[1] == {"key": "B", "missing": "asia", "differs": "price",
                        "name.asia": None, "name.eu": "Beta", "name.us": "Beta",
+                       "name.verdict": "missing",
                        "price.asia": None, "price.eu": 20.0, "price.us": 25.0,
-                       "price.min": 20.0, "price.max": 25.0, "price.ratio": 1.25}  # fmt: skip
+                       "price.min": 20.0, "price.max": 25.0, "price.ratio": 1.25,
+                       "price.verdict": "differs"}  # fmt: skip
     obs = tmp_path / "obs.csv"
     done = cli(sqlite_url, "export", "shop", "-k", "observations", "--region", "us",
                "--since", "2024-05-02", "-o", str(obs))  # fmt: skip
