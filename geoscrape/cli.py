@@ -46,6 +46,9 @@ def check(file: Annotated[Path, typer.Argument(help="The sites file to validate.
 def worker(
     region: Annotated[str, typer.Option("--region", "-r", help="The region to serve.")],
     concurrency: Annotated[int, typer.Option(min=1, help="Crawls run at once.")] = 1,
+    events: Annotated[
+        bool, typer.Option("--events", help="Send Celery task events (Flower, celery events).")
+    ] = False,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
     """Run a regional worker: consume only `scrape.<region>` and crawl its jobs."""
@@ -53,9 +56,11 @@ def worker(
     from regions.worker import check_region, run_worker
     from scheduler.loader import load_config
 
-    check_region(region, list(load_config(config).regions))
+    loaded = load_config(config)
+    check_region(region, list(loaded.regions))
     check_broker()
-    run_worker(region, concurrency=concurrency)
+    source = loaded.region(region).egress.source_address
+    run_worker(region, concurrency=concurrency, source_address=source, events=events)
 
 
 @app.command()
@@ -151,11 +156,17 @@ def demo(
     keep: Annotated[
         Path | None, typer.Option(help="Keep the demo's config and store in this folder.")
     ] = None,
+    ui: Annotated[
+        bool, typer.Option("--ui/--no-ui", help="Serve the dashboard until Ctrl-C at the end.")
+    ] = True,
+    ui_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="The dashboard's port (0: a free one).")
+    ] = 0,
 ) -> None:
-    """Run the whole pipeline on this machine: a demo shop, ingest, one worker per region."""
+    """Run the whole pipeline on this machine: a geo shop, ingest, one worker per region."""
     from geoscrape.demo import run_demo
 
-    raise typer.Exit(run_demo(out, products=products, keep=keep))
+    raise typer.Exit(run_demo(out, products=products, keep=keep, ui=ui, ui_port=ui_port))
 
 
 @dev_app.command("shop")

@@ -53,8 +53,17 @@ def egress_address(url: str) -> str | None:
 class Heartbeat:
     """Publishes this worker's heartbeats from a daemon thread until stop()."""
 
-    def __init__(self, url: str, region: str, *, interval: float = HEARTBEAT_INTERVAL) -> None:
+    def __init__(
+        self,
+        url: str,
+        region: str,
+        *,
+        interval: float = HEARTBEAT_INTERVAL,
+        egress: str | None = None,
+    ) -> None:
+        """`egress`: the region's source address, when set (else the route to the broker)."""
         self.url = url
+        self.egress = egress
         self.region = region
         self.interval = interval
         self.host = socket.gethostname()
@@ -72,7 +81,7 @@ class Heartbeat:
             region=self.region,
             host=self.host,
             pid=self.pid,
-            egress=egress_address(self.url),
+            egress=self.egress or egress_address(self.url),
             started_at=self.started_at,
             sent_at=utcnow(),
             stopping=stopping,

@@ -35,10 +35,27 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _check_source_address(address: str) -> str:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"bad source address {address!r}: give an IPv4 or IPv6 address") from None
+    return address
+
+
+class Egress(_Model):
+    """How a region's workers reach the sites."""
+
+    # The local address the crawl's connections come from (a machine with
+    # several public addresses; the demo gives each region its own 127.0.0.x).
+    source_address: Annotated[str, AfterValidator(_check_source_address)] | None = None
+
+
 class Region(_Model):
-    """A region workers are pinned to. Extra settings arrive with later features."""
+    """A region workers are pinned to."""
 
     description: str | None = None
+    egress: Egress = Egress()
 
 
 def _check_timezone(name: str) -> str:
@@ -266,6 +283,8 @@ class ResolvedSite(_Model):
     # Defaults for jobs dispatched before the SSRF guard existed.
     allow_hosts: list[str] = []
     allow_networks: list[str] = []
+    # Set by the worker from its region's egress, never by the dispatcher.
+    source_address: str | None = None
 
 
 def _check_region_name(name: str) -> str:
@@ -304,6 +323,10 @@ class Config(_Model):
                 )
             seen.add(site.name)
         return self
+
+    def region(self, name: str) -> Region:
+        """The settings of a declared region (`eu: {}` and `eu:` both give the defaults)."""
+        return self.regions[name] or Region()
 
     def site(self, name: str) -> Site:
         for site in self.sites:

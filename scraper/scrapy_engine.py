@@ -56,6 +56,7 @@ MAX_BYTES_EXCEEDED = "max_bytes exceeded"
 TOO_MANY_REDIRECTS = "Too many redirects"
 _MIDDLEWARE = "scraper.scrapy_engine.FetchRecorderMiddleware"
 _GUARD_MIDDLEWARE = "scraper.scrapy_engine.SSRFGuardMiddleware"
+_SOURCE_MIDDLEWARE = "scraper.scrapy_engine.SourceAddressMiddleware"
 _RESOLVER = "scraper.scrapy_engine.GuardedResolver"
 
 
@@ -104,8 +105,13 @@ def settings_for(site: ResolvedSite) -> dict[str, Any]:
         "RETRY_TIMES": 1,
         "LOG_LEVEL": "INFO",
         "LOG_STDOUT": False,
-        "DOWNLOADER_MIDDLEWARES": {_MIDDLEWARE: 50, _GUARD_MIDDLEWARE: 60},
+        "DOWNLOADER_MIDDLEWARES": {
+            _MIDDLEWARE: 50,
+            _GUARD_MIDDLEWARE: 60,
+            _SOURCE_MIDDLEWARE: 70,
+        },
         "GEOSCRAPE_MAX_PAGES": limits.max_pages,
+        "GEOSCRAPE_SOURCE_ADDRESS": site.source_address,
         "GEOSCRAPE_MAX_DEPTH": depth,
     }
 
@@ -234,6 +240,27 @@ class SSRFGuardMiddleware:
         except SSRFRefused as exc:
             log.warning("%s: %s", request.url, exc)
             raise GuardRefused(str(exc)) from None
+        return None
+
+
+class SourceAddressMiddleware:
+    """Sends every request (robots.txt too) from the region's egress.source_address.
+
+    Scrapy's `bindaddress` meta key, set on each request: it works on every
+    Scrapy version the project supports and covers redirects, which come back
+    through here.
+    """
+
+    def __init__(self, address: str | None) -> None:
+        self.address = address
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> SourceAddressMiddleware:
+        return cls(crawler.settings.get("GEOSCRAPE_SOURCE_ADDRESS"))
+
+    def process_request(self, request: Request) -> None:
+        if self.address is not None:
+            request.meta["bindaddress"] = (self.address, 0)
         return None
 
 
