@@ -261,6 +261,9 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         when = parse_since(since, what="since")
         return changes(db, site, when, region=region, limit=limit, offset=offset)
 
+    from dashboard import mount as mount_dashboard  # the web UI at / and /metrics
+
+    mount_dashboard(app)
     return app
 
 
