@@ -179,7 +179,7 @@ def run_worker(
     wait_for_topology(app.conf.broker_url, region)
     heartbeat = Heartbeat(app.conf.broker_url, region, egress=source_address).start()
     try:
-        _worker_main(app, region, concurrency, events=events)
+        _worker_main(app, region, concurrency)
     finally:
         heartbeat.stop()
 
@@ -204,10 +204,9 @@ def wait_for_topology(url: str, region: str, *, interval: float = 2.0) -> None:
         time.sleep(interval)
 
 
-def _worker_main(app: Celery, region: str, concurrency: int, *, events: bool = False) -> None:
+def _worker_main(app: Celery, region: str, concurrency: int) -> None:
     app.worker_main(
         argv=[
-            *(["--task-events"] if events else []),
             "worker",
             f"--queues={scrape_queue_name(region)}",
             f"--hostname={region}@%h",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,7 @@ def test_celery_events_dump_sees_the_crawl_task(tmp_path: Path, vhost_url: str) 
                     stdout=sink,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 )
             s.procs["celery-events"] = (dumper, dump_log)
             s.start("worker-eu", "worker", "--region", "eu", "--events")
@@ -58,8 +60,8 @@ def test_celery_events_dump_sees_the_crawl_task(tmp_path: Path, vhost_url: str) 
                     for line in text.splitlines()
                 )
 
-            wait_until(lambda: seen("task-received"), timeout=120, what="task-received")
-            wait_until(lambda: seen("task-succeeded"), timeout=120, what="task-succeeded")
+            wait_until(lambda: seen("task received"), timeout=120, what="task received")
+            wait_until(lambda: seen("task succeeded"), timeout=120, what="task succeeded")
         assert dumper.poll() is not None  # stopped with the stack
 
 
