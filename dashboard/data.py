@@ -32,6 +32,15 @@ class RegionRow:
     waiting: int | None  # ready jobs in scrape.<region>; None: unknown
     consumers: int | None
     queue_note: str = ""  # why depth is unknown
+    configured: str | None = None  # the region's egress.source_address in the sites file
+
+    @property
+    def egress_verified(self) -> bool:
+        """Every live worker reports the configured source address, which a worker
+        only does after checking at start that it can send from it."""
+        return (
+            bool(self.workers) and self.configured is not None and self.egress == [self.configured]
+        )
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,11 @@ def overview(session: Session, broker_url: str | None, config_path: Path | None)
                 waiting=depth[0] if depth else None,
                 consumers=depth[1] if depth else None,
                 queue_note=problem or ("" if depth else "no queue yet"),
+                configured=(
+                    config.region(name).egress.source_address
+                    if config is not None and name in config.regions
+                    else None
+                ),
             )
         )
     site_names = list(dict.fromkeys([*(s.name for s in config.sites)] if config else []))
