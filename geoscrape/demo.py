@@ -20,7 +20,6 @@ its processes live; when nothing moves for a while it says what it observes
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -28,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -308,20 +308,21 @@ def print_access_log(console: Console, log: list[tuple[str, str]]) -> None:
 
 
 def _wait_for_ctrl_c() -> None:
-    """Block until SIGINT or SIGTERM."""
-    stop = {"now": False}
+    """Block until SIGINT or SIGTERM.
 
-    def handler(*_: object) -> None:
-        stop["now"] = True
-
-    old = signal.signal(signal.SIGTERM, handler)
+    Both get a handler of their own: a process started in the background by a
+    shell inherits SIGINT ignored, and must still stop on it.
+    """
+    stop = threading.Event()
+    old = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
-        while not stop["now"]:
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(0.2):
+            pass
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def run_demo(
@@ -406,6 +407,5 @@ def run_demo(
             console.print(
                 f"dashboard: http://127.0.0.1:{port}/  (Ctrl-C stops the demo)", highlight=False
             )
-            with contextlib.suppress(KeyboardInterrupt):
-                _wait_for_ctrl_c()
+            _wait_for_ctrl_c()
     return 0 if ok else 1
