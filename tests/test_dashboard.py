@@ -83,7 +83,8 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _start_api(stack: Stack, name: str, extra_env: dict[str, str]) -> str:
+def _start_api(stack: Stack, name: str, extra_env: dict[str, str]) -> tuple[str, Any]:
+    """Start `geoscrape api` (it comes up while the crawl runs); see _wait_healthy."""
     port = _free_port()
     log = stack.workdir / f"{name}.log"
     with log.open("ab") as sink:
@@ -95,17 +96,19 @@ def _start_api(stack: Stack, name: str, extra_env: dict[str, str]) -> str:
             stdin=subprocess.DEVNULL,
         )
     stack.procs[name] = (proc, log)
-    url = f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", proc
 
+
+def _wait_healthy(url: str, proc: Any) -> str:
     def healthy() -> bool:
-        assert proc.poll() is None, log.read_text()
+        assert proc.poll() is None, f"the API at {url} exited"
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 return bool(response.status == 200)
         except OSError:
             return False
 
-    wait_until(healthy, timeout=60, what=f"{name} to answer /health")
+    wait_until(healthy, timeout=90, what=f"{url} to answer /health")
     return url
 
 
@@ -133,6 +136,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         stack = Stack(workdir, broker, f"sqlite:///{workdir}/store.db", config)
         upgrade(stack.db_url)
         try:
+            api = _start_api(stack, "api", {})
+            api_rw = _start_api(stack, "api-rw", {"GEOSCRAPE_API_WRITE_TOKEN": WRITE_TOKEN})
             stack.ingest()
             stack.worker("eu")
             stack.worker("us")
@@ -167,8 +172,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             wait_until(dead, timeout=120, interval=0.5, what="the rejected job in dead_jobs")
             yield Deployment(
                 stack=stack,
-                api=_start_api(stack, "api", {}),
-                api_rw=_start_api(stack, "api-rw", {"GEOSCRAPE_API_WRITE_TOKEN": WRITE_TOKEN}),
+                api=_wait_healthy(*api),
+                api_rw=_wait_healthy(*api_rw),
                 run_ids={j.region: j.run_id for j in jobs},
                 dead_run=wrong.run_id,
             )
@@ -342,8 +347,13 @@ def test_requeue_needs_the_write_token(deployment: Deployment, page: Any, tmp_pa
     assert "disabled" in json.loads(refused.value.read())["error"]
 
     page.goto(deployment.api_rw + "/ui/dead")
+    button = page.get_by_role("button", name=f"Requeue run {run}")
+    page.get_by_label("Write token").fill("wrong")
+    button.click()
+    page.get_by_role("alert").filter(has_text="wrong write token").wait_for(timeout=30_000)
+    assert _runs(deployment.stack, [run])[0].status == "dead"
     page.get_by_label("Write token").fill(WRITE_TOKEN)
-    page.get_by_role("button", name=f"Requeue run {run}").click()
+    button.click()
     page.get_by_role("status").filter(has_text="requeued run").wait_for(timeout=30_000)
     page.screenshot(path=str(tmp_path / "dead.png"), full_page=True)
     # Requeued to eu, whose worker now crawls it.
