@@ -227,3 +227,17 @@ def history_series(
     xs = sorted({x for series in points.values() for x in series})
     ys = [[points[r].get(x) for x in xs] for r in regions]
     return {"site": site, "key": key, "field": field_name, "regions": regions, "x": xs, "y": ys}
+
+
+def runs_series(session: Session, site: str, limit: int = 500) -> dict[str, Any]:
+    """uPlot-ready items per run, per region, by the run's queue time (newest `limit` runs)."""
+    points: dict[str, dict[float, float]] = {}
+    for run in site_runs(session, site, limit=limit):
+        when = run.queued_at or run.started_at or run.finished_at
+        if when is None or run.status not in FINAL_STATUSES:
+            continue
+        points.setdefault(run.region, {})[when.timestamp()] = float(run.stats.get("items", 0))
+    regions = sorted(points)
+    xs = sorted({x for series in points.values() for x in series})
+    ys = [[points[r].get(x) for x in xs] for r in regions]
+    return {"site": site, "field": "items per run", "regions": regions, "x": xs, "y": ys}

@@ -140,6 +140,12 @@ def history_json(
     return data.history_series(db, site, key, field, days=days)
 
 
+@router.get("/ui/sites/{site}/runs.json")
+def runs_json(db: Db, site: str) -> dict[str, Any]:
+    """Items per finished run, per region over time, shaped for uPlot."""
+    return data.runs_series(db, site)
+
+
 @router.get("/ui/runs/{run_id}", response_class=HTMLResponse)
 def run_page(request: Request, db: Db, run_id: str) -> Response:
     detail = data.run_detail(db, run_id)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         products=PRODUCTS,
     )
     with (
-        fresh_vhost(f"geoscrape-test-dash-{os.getpid()}") as broker,
+        fresh_vhost(f"geoscrape-test-dash-{uuid.uuid4().hex[:10]}") as broker,
         serve(catalog=catalog) as shop,
     ):
         config = workdir / "sites.yaml"
@@ -270,6 +271,9 @@ def test_site_page_highlights_differences_and_charts_each_region(
     legend = page.locator("#chart .u-legend").inner_text()
     assert "eu" in legend and "us" in legend
     assert page.locator("#chart canvas").count() == 1
+    runs_chart = page.locator("#runs-chart[data-series]")
+    runs_chart.wait_for(timeout=30_000)
+    assert runs_chart.get_attribute("data-regions") == "eu,us"
     page.screenshot(path=str(tmp_path / "site.png"), full_page=True)
 
     # The field picker: price only.
