@@ -359,6 +359,7 @@ def test_requeue_needs_the_write_token(deployment: Deployment, page: Any, tmp_pa
     page.get_by_label("Write token").fill(WRITE_TOKEN)
     button.click()
     page.get_by_role("status").filter(has_text="requeued run").wait_for(timeout=30_000)
+    assert page.get_by_role("alert").inner_text() == ""
     page.screenshot(path=str(tmp_path / "dead.png"), full_page=True)
     # Requeued to eu, whose worker now crawls it.
     wait_until(
