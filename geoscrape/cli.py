@@ -99,6 +99,9 @@ def deploy(
 def worker(
     region: Annotated[str, typer.Option("--region", "-r", help="The region to serve.")],
     concurrency: Annotated[int, typer.Option(min=1, help="Crawls run at once.")] = 1,
+    events: Annotated[
+        bool, typer.Option("--events", help="Send Celery task events (Flower, celery events).")
+    ] = False,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
     """Run a regional worker: consume only `scrape.<region>` and crawl its jobs."""
@@ -116,11 +119,20 @@ def worker(
     check_broker()
     # Deployed code bundles, fetched once from the central API (docs/PROJECTS.md).
     code = CodeCache.from_env(region)
-    # Worker-local: proxy credentials come from this machine's config, never a job.
+    # Worker-local: proxy credentials and the source address come from this
+    # machine's config, never a job.
     egress = RegionEgress(loaded.egress(region), loaded.geoip)
+    source = loaded.region(region).egress.source_address
     # The crawl runner is handed down: regions sits below scraper and never imports it.
     runner = functools.partial(run_job, code=code.path)
-    run_worker(region, runner, concurrency=concurrency, egress=egress)
+    run_worker(
+        region,
+        runner,
+        concurrency=concurrency,
+        egress=egress,
+        source_address=source,
+        events=events,
+    )
 
 
 @app.command()
@@ -221,11 +233,17 @@ def demo(
     keep: Annotated[
         Path | None, typer.Option(help="Keep the demo's config and store in this folder.")
     ] = None,
+    ui: Annotated[
+        bool, typer.Option("--ui/--no-ui", help="Serve the dashboard until Ctrl-C at the end.")
+    ] = True,
+    ui_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="The dashboard's port (0: a free one).")
+    ] = 0,
 ) -> None:
-    """Run the whole pipeline on this machine: a demo shop, ingest, one worker per region."""
+    """Run the whole pipeline on this machine: a geo shop, ingest, one worker per region."""
     from geoscrape.demo import run_demo
 
-    raise typer.Exit(run_demo(out, products=products, keep=keep))
+    raise typer.Exit(run_demo(out, products=products, keep=keep, ui=ui, ui_port=ui_port))
 
 
 @dev_app.command("shop")

@@ -255,7 +255,10 @@ def register(app: typer.Typer) -> None:
         port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
     ) -> None:
         """Serve the read-only HTTP API (OpenAPI docs at /docs; token: GEOSCRAPE_API_TOKEN)."""
+        from dashboard import mount as mount_dashboard
         from geoscrape.clikit import database_url
-        from storage.api import serve
+        from storage.api import create_app, serve
 
-        serve(host, port, database_url())
+        app_ = create_app(database_url())
+        mount_dashboard(app_)  # the web UI at / and /metrics (docs/DASHBOARD.md)
+        serve(app_, host, port)

@@ -13,3 +13,7 @@ class UnknownRegion(RegionsError):
 
 class BrokerUnavailable(RegionsError):
     """RabbitMQ cannot be reached."""
+
+
+class BadSourceAddress(RegionsError):
+    """A region's egress.source_address that this machine cannot send from."""

@@ -61,9 +61,12 @@ class Heartbeat:
         *,
         interval: float = HEARTBEAT_INTERVAL,
         exits: Callable[[], list[ExitReport] | None] | None = None,
+        egress: str | None = None,
     ) -> None:
+        """`egress`: the region's source address, when set (else the route to the broker)."""
         self.url = url
         self.exits = exits  # the egress exits' verification state (scraper/verify.py)
+        self.egress = egress
         self.region = region
         self.interval = interval
         self.host = socket.gethostname()
@@ -81,7 +84,7 @@ class Heartbeat:
             region=self.region,
             host=self.host,
             pid=self.pid,
-            egress=egress_address(self.url),
+            egress=self.egress or egress_address(self.url),
             exits=self.exits() if self.exits is not None else None,
             started_at=self.started_at,
             sent_at=utcnow(),

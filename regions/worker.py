@@ -18,6 +18,7 @@ whose heartbeats stop, and dead-letters it after GEOSCRAPE_MAX_ATTEMPTS.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from pydantic import BaseModel
 
 from regions.app import CRAWL_TASK, make_app
 from regions.bus import connect, missing_topology, publish_ingest, redact, scrape_queue_name
-from regions.errors import UnknownRegion
+from regions.errors import BadSourceAddress, UnknownRegion
 from regions.heartbeat import Heartbeat, worker_name
 from regions.messages import (
     EgressAttestation,
@@ -51,6 +52,19 @@ def check_region(region: str, declared: list[str]) -> None:
             f"region {region!r} is not declared in the config "
             f"(declared: {', '.join(declared) or 'none'})"
         )
+
+
+def check_source_address(address: str) -> None:
+    """Fail at start, not per request, if this machine cannot send from `address`."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError as exc:
+        raise BadSourceAddress(
+            f"egress.source_address {address}: cannot send from it on this machine "
+            f"({exc.strerror or exc}); give an address of one of its interfaces"
+        ) from None
 
 
 class DeliveryLost(RuntimeError):
@@ -172,9 +186,23 @@ def egress_gate(egress: Egress, queue: str) -> type[bootsteps.StartStopStep]:
     return EgressGate
 
 
-def worker_app(region: str, run_job: CrawlRunner, egress: Egress, url: str | None = None) -> Celery:
-    """A Celery app whose only task crawls jobs of `region` with `run_job`, through its egress."""
+def worker_app(
+    region: str,
+    run_job: CrawlRunner,
+    egress: Egress,
+    url: str | None = None,
+    *,
+    source_address: str | None = None,
+    events: bool = False,
+) -> Celery:
+    """A Celery app whose only task crawls jobs of `region` with `run_job`, through its egress.
+
+    `source_address`: the region's egress.source_address, which every crawl
+    sends from. `events`: send Celery task events (Flower, `celery events`).
+    """
     app = make_app(url, regions=[region], declare=False)
+    if events:
+        app.conf.update(worker_send_task_events=True, task_send_sent_event=True)
     name = worker_name(region)
     app.steps["consumer"].add(egress_gate(egress, scrape_queue_name(region)))
 
@@ -187,6 +215,11 @@ def worker_app(region: str, run_job: CrawlRunner, egress: Egress, url: str | Non
         if job.region != region:
             # Never run another region's job from here: park it for a human.
             raise Reject(f"job for region {job.region!r} reached {region!r}", requeue=False)
+        if source_address is not None:
+            # The region's egress belongs to the worker's machine, not the dispatcher.
+            job = job.model_copy(
+                update={"config": {**job.config, "source_address": source_address}}
+            )
         if job.expires_at is not None and utcnow() >= job.expires_at:
             # Its site's next tick came first: record it as expired, never run it late.
             log.info("run %s: expired at %s, not run", job.run_id, job.expires_at.isoformat())
@@ -240,14 +273,20 @@ def run_worker(
     concurrency: int = 1,
     egress: Egress,
     url: str | None = None,
+    source_address: str | None = None,
+    events: bool = False,
 ) -> None:
     """Run a worker for `region` in the foreground until stopped (SIGTERM/SIGINT).
 
     With a verified `egress`, every exit is verified before the first job.
     """
-    app = worker_app(region, run_job, egress, url)
+    if source_address is not None:
+        check_source_address(source_address)
+    app = worker_app(region, run_job, egress, url, source_address=source_address, events=events)
     wait_for_topology(app.conf.broker_url, region)
-    heartbeat = Heartbeat(app.conf.broker_url, region, exits=egress.reports).start()
+    heartbeat = Heartbeat(
+        app.conf.broker_url, region, exits=egress.reports, egress=source_address
+    ).start()
     egress.on_change = heartbeat.beat  # a verdict that changed is reported at once
     try:
         egress.start()

@@ -106,9 +106,20 @@ class Verify(_Model):
         return every
 
 
+def _check_source_address(address: str) -> str:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"bad source address {address!r}: give an IPv4 or IPv6 address") from None
+    return address
+
+
 class Egress(_Model):
     """Where a region's traffic leaves from: worker-local, never sent in a job."""
 
+    # The local address the crawl's connections come from (a machine with
+    # several public addresses; the demo gives each region its own 127.0.0.x).
+    source_address: Annotated[str, AfterValidator(_check_source_address)] | None = None
     # None: the worker's own network (today's behaviour).
     proxies: list[ProxyUrl] = []
     # per-run: one exit for a whole crawl; per-request: rotate, and fail over.
@@ -120,7 +131,7 @@ class Region(_Model):
     """A region workers are pinned to, and how its traffic leaves (egress)."""
 
     description: str | None = None
-    egress: Egress | None = None
+    egress: Egress = Egress()
 
 
 def _check_geoip_database(path: str) -> str:
@@ -540,6 +551,8 @@ class ResolvedSite(_Model):
     expect: Expect | None = None
     alerts: Alerts | None = None
     keep_bodies: bool = False
+    # Set by the worker from its region's egress, never by the dispatcher.
+    source_address: str | None = None
 
 
 def _check_region_name(name: str) -> str:
@@ -588,6 +601,10 @@ class Config(_Model):
     def egress(self, region: str) -> Egress | None:
         declared = self.regions.get(region)
         return declared.egress if declared is not None else None
+
+    def region(self, name: str) -> Region:
+        """The settings of a declared region (`eu: {}` and `eu:` both give the defaults)."""
+        return self.regions[name] or Region()
 
     def site(self, name: str) -> Site:
         for site in self.sites:

@@ -36,6 +36,7 @@ RECORDER_MIDDLEWARE = "scraper.scrapy_engine.FetchRecorderMiddleware"
 GUARD_MIDDLEWARE = "scraper.scrapy_engine.SSRFGuardMiddleware"
 GUARDED_RESOLVER = "scraper.scrapy_engine.GuardedResolver"
 EGRESS_MIDDLEWARE = "scraper.scrapy_engine.EgressMiddleware"
+SOURCE_MIDDLEWARE = "scraper.scrapy_engine.SourceAddressMiddleware"
 
 
 class ProjectError(ScraperError):
@@ -79,9 +80,15 @@ GUARDS: tuple[Guard, ...] = (
     Guard("DEPTH_LIMIT", "limits.max_depth / follow.max_depth", _depth, stricter=True),
 )  # fmt: skip
 # Added to the project's DOWNLOADER_MIDDLEWARES (its own entries stay): the
-# fetch recorder with limits.max_pages, the SSRF guard of every request, and
-# the region's egress exits (600: after retries, before HttpProxyMiddleware).
-GEOSCRAPE_MIDDLEWARES = {RECORDER_MIDDLEWARE: 50, GUARD_MIDDLEWARE: 60, EGRESS_MIDDLEWARE: 600}
+# fetch recorder with limits.max_pages, the SSRF guard of every request, the
+# region's source address, and its egress exits (600: after retries, before
+# HttpProxyMiddleware).
+GEOSCRAPE_MIDDLEWARES = {
+    RECORDER_MIDDLEWARE: 50,
+    GUARD_MIDDLEWARE: 60,
+    SOURCE_MIDDLEWARE: 70,
+    EGRESS_MIDDLEWARE: 600,
+}
 
 
 def _explicit(settings: Settings, name: str) -> bool:

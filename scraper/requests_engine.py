@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import requests.adapters
 import urllib3.exceptions
 import urllib3.util.connection as urllib3_connection
 from w3lib.encoding import html_to_unicode
@@ -157,6 +158,18 @@ def _read_capped(response: requests.Response, max_bytes: int, timeout: float) ->
         response.close()
 
 
+class SourceAddressAdapter(requests.adapters.HTTPAdapter):
+    """Connects from the region's egress.source_address (urllib3's source_address)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["source_address"] = (self.address, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
 @contextmanager
 def guarded_connections(guard: Guard) -> Iterator[None]:
     """Every connection urllib3 opens in this process goes through `guard`.
@@ -209,6 +222,9 @@ def run(site: ResolvedSite, recorder: Recorder, exits: Exits | None = None) -> s
         raise ScraperError("engine 'requests' needs an 'extract' spec")
     exits = exits or Exits(ChildEgress())
     session = requests.Session()
+    if site.source_address is not None:
+        for prefix in ("http://", "https://"):
+            session.mount(prefix, SourceAddressAdapter(site.source_address))
     session.headers["User-Agent"] = site.politeness.user_agent
     session.max_redirects = site.limits.max_redirects
     if exits.proxied:

@@ -125,6 +125,7 @@ def settings_for(site: ResolvedSite) -> dict[str, Any]:
         # resend through the same dead exit (scraper.project.GEOSCRAPE_MIDDLEWARES).
         "DOWNLOADER_MIDDLEWARES": GEOSCRAPE_MIDDLEWARES,
         "GEOSCRAPE_MAX_PAGES": limits.max_pages,
+        "GEOSCRAPE_SOURCE_ADDRESS": site.source_address,
         "GEOSCRAPE_MAX_DEPTH": depth,
     }
 
@@ -319,6 +320,29 @@ class SSRFGuardMiddleware:
         except SSRFRefused as exc:
             log.warning("%s: %s", request.url, exc)
             raise GuardRefused(str(exc)) from None
+        return None
+
+
+class SourceAddressMiddleware:
+    """Sends every request (robots.txt too) from the region's egress.source_address.
+
+    Scrapy's `bindaddress` meta key, set on each request: it works on every
+    Scrapy version the project supports and covers redirects, which come back
+    through here.
+    """
+
+    def __init__(self, address: str | None) -> None:
+        self.address = address
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> SourceAddressMiddleware:
+        # A project's own settings do not carry it: then the site's (set by the worker).
+        address = crawler.settings.get("GEOSCRAPE_SOURCE_ADDRESS")
+        return cls(address or (_site.source_address if _site is not None else None))
+
+    def process_request(self, request: Request) -> None:
+        if self.address is not None:
+            request.meta["bindaddress"] = (self.address, 0)
         return None
 
 

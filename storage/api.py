@@ -417,8 +417,9 @@ class RefuseNul:
         await self.app(scope, receive, send)
 
 
-def serve(host: str, port: int, database_url: str | None = None) -> None:
-    """Run the API with uvicorn until interrupted."""
+def serve(app: FastAPI, host: str, port: int) -> None:
+    """Run `app` (create_app's, perhaps with the dashboard mounted) with uvicorn
+    until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(database_url), host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -27,6 +27,7 @@ from typing import Any
 
 from kombu import Consumer
 from kombu.message import Message
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from regions.bus import CRAWL_TASK, DEAD_QUEUE
@@ -40,7 +41,8 @@ from regions.messages import (
     expired_run,
     utcnow,
 )
-from storage.models import dead_jobs
+from storage.errors import StorageError
+from storage.models import DeadJob, dead_jobs, runs
 from storage.writer import apply_message, insert
 
 LEASE_REASON = "lease"  # a run the reaper gave up on (not an x-death reason)
@@ -139,3 +141,41 @@ def dead_letter_consumer(
     return consumer_cls(
         queues=[DEAD_QUEUE], on_message=on_message, accept=["json"], prefetch_count=prefetch
     )
+
+
+class UnknownDeadJob(StorageError):
+    """A run id that names no dead job (or more than one, as a prefix)."""
+
+
+def find_dead_job(session: Session, run_id: str) -> DeadJob:
+    """The dead job whose run id is `run_id` or starts with it (as `geoscrape dead` shows)."""
+    rows = list(session.scalars(select(DeadJob).where(DeadJob.run_id.startswith(run_id))))
+    exact = [row for row in rows if row.run_id == run_id]
+    if exact:
+        return exact[0]
+    if not rows:
+        raise UnknownDeadJob(f"no dead job with run id {run_id!r} (see `geoscrape dead`)")
+    if len(rows) > 1:
+        raise UnknownDeadJob(f"run id prefix {run_id!r} names {len(rows)} dead jobs; give more")
+    return rows[0]
+
+
+def requeue(session: Session, run_id: str, publish: Callable[[Job], None]) -> Job:
+    """Put a dead job back on its region's queue, same run id; the caller's session commits.
+
+    The job's `expires_at` is dropped: a requeue is a human's decision to run it now.
+    Attempts start again from 1 (a poison job gets GEOSCRAPE_MAX_ATTEMPTS fresh
+    attempts after its fix) and the old lease is cleared.
+    """
+    dead = find_dead_job(session, run_id)
+    body: dict[str, Any] = {**dead.job, "expires_at": None, "attempt": 1}
+    job = Job.model_validate(body)
+    session.execute(
+        update(runs)
+        .where(runs.c.id == job.run_id)
+        .values(status="queued", finished_at=None, error=None, attempts=0, heartbeat_at=None)
+    )
+    dead.requeued_at = utcnow()
+    session.flush()
+    publish(job)  # after the writes: a failed publish rolls them back
+    return job

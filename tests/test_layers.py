@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["geoscrape", "scheduler", "storage", "scraper", "regions"]
+PACKAGES = ["geoscrape", "dashboard", "scheduler", "storage", "scraper", "regions"]
 LINT_IMPORTS = str(Path(sys.executable).with_name("lint-imports"))
 
 

@@ -178,11 +178,3 @@ def test_unreachable_broker_is_one_clear_line(tmp_path: Path, sqlite_url: str) -
     assert "cannot reach RabbitMQ" in done.stderr
     assert "rabbitmq-server" in done.stderr
     assert "Traceback" not in done.stderr
-
-
-def test_demo_runs_to_the_end_and_prints_items(tmp_path: Path, vhost_url: str) -> None:
-    with stack(tmp_path, vhost_url, f"sqlite:///{tmp_path}/unused.db", "") as s:
-        done = s.cli("demo", "--products", "12", timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "24 items" in done.stdout  # 12 products x 2 regions
-    assert done.stdout.count("succeeded") >= 2

@@ -70,8 +70,12 @@ class ShopPages:
         return HTTPStatus.NOT_FOUND, ctype, body
 
     def unavailable(self) -> Page:
+        # What real geo-blocks look like: a branded page with status 451.
         _, ctype, body = self._html(
-            "Unavailable", "<p>This page is not available in your region.</p>"
+            "Not available in your region",
+            "<h1>Geoshop is not available in your region</h1>\n"
+            "<p>For legal reasons we cannot serve visitors from your location. "
+            "This page is not available in your region.</p>",
         )
         return HTTPStatus.UNAVAILABLE_FOR_LEGAL_REASONS, ctype, body
 
