@@ -60,6 +60,6 @@ def test_check_names_file_and_line(tmp_path: Path, case: str) -> None:
     path = tmp_path / f"{case}.yaml"
     path.write_text(text)
     done = check(path)
-    assert done.returncode != 0
+    assert done.returncode == 1, done.stderr  # 1: config errors (2 would be a usage error)
     assert f"{path}{where}" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
