@@ -5,7 +5,7 @@ no longer redelivers a job whose worker dies. The run's heartbeats
 (RunStarted, ItemBatch, RunProgress about every second) are its lease instead:
 the writer keeps the newest in ``runs.heartbeat_at``. Inside `geoscrape
 ingest` the reaper looks, every few seconds, for runs still ``running`` whose
-newest heartbeat is older than GEOSCRAPE_RUN_LEASE seconds (default 60):
+newest heartbeat is older than GEOSCRAPE_RUN_LEASE seconds (default 10):
 
 - below GEOSCRAPE_MAX_ATTEMPTS (default 3) started attempts, the job goes back
   to ``scrape.<region>`` with the same run id and ``attempt`` + 1, and the run
@@ -44,7 +44,10 @@ log = logging.getLogger("geoscrape.reaper")
 
 LEASE_ENV = "GEOSCRAPE_RUN_LEASE"
 MAX_ATTEMPTS_ENV = "GEOSCRAPE_MAX_ATTEMPTS"
-DEFAULT_LEASE = 60.0
+# Heartbeats come about every second from the worker process itself (a timer,
+# not the crawl), so a slow crawl on a busy machine still renews its lease; 10 s
+# lets a killed worker's run be redelivered within about 15 s.
+DEFAULT_LEASE = 10.0
 DEFAULT_MAX_ATTEMPTS = 3
 
 

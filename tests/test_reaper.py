@@ -150,7 +150,7 @@ def test_the_last_attempt_lapsing_makes_the_run_dead_and_keeps_the_job(
 def test_lease_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GEOSCRAPE_RUN_LEASE", raising=False)
     monkeypatch.delenv("GEOSCRAPE_MAX_ATTEMPTS", raising=False)
-    assert lease_settings() == (60.0, 3)
+    assert lease_settings() == (10.0, 3)
     monkeypatch.setenv("GEOSCRAPE_RUN_LEASE", "2.5")
     monkeypatch.setenv("GEOSCRAPE_MAX_ATTEMPTS", "5")
     assert lease_settings() == (2.5, 5)
