@@ -3,7 +3,7 @@
 # machine that reaches a Debian mirror and a Python package index but no image
 # registry:
 #
-#   local/debian:bookworm            debootstrap --variant=minbase, docker import
+#   local/debian:bookworm            mmdebstrap --variant=minbase, docker import
 #   local/python:3.11                for PYTHON_IMAGE      (python:3.11-slim)
 #   local/rabbitmq:3.10-management   for RABBITMQ_IMAGE    (rabbitmq:3.13-management)
 #   local/redis:7                    for REDIS_IMAGE       (redis:7-alpine)
@@ -32,13 +32,13 @@ mirror() {
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(debian python rabbitmq redis postgres)
 if ! docker image inspect local/debian:bookworm >/dev/null 2>&1; then
-  log "debootstrap bookworm from ${DEBIAN_MIRROR:=$(mirror)}"
-  rootfs="$work/rootfs"
-  debootstrap --variant=minbase bookworm "$rootfs" "$DEBIAN_MIRROR" >"$work/debootstrap.log" 2>&1 \
-    || { tail -n 30 "$work/debootstrap.log"; exit 1; }
-  echo "deb $DEBIAN_MIRROR bookworm main" > "$rootfs/etc/apt/sources.list"
-  tar -C "$rootfs" -c . | docker import - local/debian:bookworm >/dev/null
-  rm -rf "$rootfs"
+  log "mmdebstrap bookworm (minbase) from ${DEBIAN_MIRROR:=$(mirror)}"
+  # mmdebstrap (apt, parallel downloads) took half the time of debootstrap here;
+  # the package lists are kept so the stand-ins' `apt-get update` is cheap.
+  mmdebstrap --quiet --variant=minbase --skip=cleanup/apt/lists bookworm - "$DEBIAN_MIRROR" \
+      2>"$work/mmdebstrap.log" \
+    | docker import - local/debian:bookworm >/dev/null \
+    || { tail -n 30 "$work/mmdebstrap.log"; exit 1; }
 fi
 
 # The Python stand-in gets the host's pip settings (minus local file:// indexes,

@@ -68,10 +68,10 @@ class DockerEngine:
         return done.stdout
 
     def start(self, deadline: float = 60) -> None:
-        for tool in ("dockerd", "docker", "docker-compose", "debootstrap"):
+        for tool in ("dockerd", "docker", "docker-compose", "mmdebstrap"):
             if shutil.which(tool) is None:
                 raise EngineError(
-                    f"{tool} not found: install docker.io, docker-compose and debootstrap "
+                    f"{tool} not found: install docker.io, docker-compose and mmdebstrap "
                     "(scripts/apt-packages.txt; .ci/run installs them)"
                 )
         self.root.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """docker-compose.yml and deploy/region.compose.yml, brought up and crawled by a real Docker engine.
 
 From nothing: a private dockerd (tests/compose/engine.py), offline base images
-(deploy/offline/build.sh: debootstrap, then Python, RabbitMQ 3.10, Redis and
+(deploy/offline/build.sh: mmdebstrap, then Python, RabbitMQ 3.10, Redis and
 PostgreSQL 15 stand-ins), the project image from the Dockerfile, the central
 stack (docker-compose.yml + deploy/tls.compose.yml + tests/compose/central.yml)
 with the region users provisioned as docs/DEPLOY.md says, and a region in
@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import signal
+import subprocess
 import time
 import urllib.request
 from collections import Counter
@@ -180,6 +182,9 @@ def stack(
     region = Compose(engine, "gsregion", REGION_FILES, {}, env_file=region_env)
     built = Stack(engine, central, region, phases, report, token)
     failed_before = request.session.testsfailed
+    # A CI job cancelled with SIGTERM still tears everything down (the daemon is
+    # in its own session, so nothing else would stop it).
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with phases("start the private Docker engine"):
             engine.start()
@@ -193,14 +198,19 @@ def stack(
         if request.session.testsfailed > failed_before:
             _dump(built)
     finally:
-        _tear_down(built)
+        try:
+            _tear_down(built)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _build_images(
     engine: DockerEngine, root: Path, phases: Phases, report: Callable[[str], None]
 ) -> None:
-    import subprocess
-
     script = str(ROOT / "deploy/offline/build.sh")
 
     def run(*argv: str, what: str) -> subprocess.Popen[str]:
@@ -218,7 +228,7 @@ def _build_images(
                 report(line)
         assert code == 0, f"{what} failed (exit {code}):\n{text[-4000:]}"
 
-    with phases("debootstrap + import local/debian:bookworm"):
+    with phases("mmdebstrap + import local/debian:bookworm"):
         finish(run("bash", script, "debian", what="debian"), "debian")
     with phases("build stand-ins and the geoscrape image (parallel)"):
         services = run("bash", script, "rabbitmq", "redis", "postgres", what="services")
