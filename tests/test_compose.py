@@ -1,10 +1,11 @@
 """docker-compose.yml, deploy/region.compose.yml and the Dockerfile, checked without Docker.
 
-There is no Docker engine here, so these tests check what can go wrong in the
-files themselves: they parse; every `geoscrape` command a service runs exists
-with those arguments (`--help` succeeds); each worker pins exactly its region
-and logs in as its region's user; every environment variable the code reads is
-classified and set where it is needed; the image's entry point exists.
+These fast checks need no Docker engine (tests/compose/ brings the stack up on
+a real one); they check what can go wrong in the files themselves: they parse;
+every `geoscrape` command a service runs exists with those arguments (`--help`
+succeeds); each worker pins exactly its region and logs in as its region's
+user; every environment variable the code reads is classified and set where it
+is needed; the image's entry point exists; images and ports are variables.
 """
 
 from __future__ import annotations

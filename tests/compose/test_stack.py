@@ -15,7 +15,9 @@ The steps, figures and phase times are written to the terminal (CI's log).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import secrets
 import signal
@@ -212,13 +214,16 @@ def _build_images(
     engine: DockerEngine, root: Path, phases: Phases, report: Callable[[str], None]
 ) -> None:
     script = str(ROOT / "deploy/offline/build.sh")
+    started: list[subprocess.Popen[str]] = []
 
     def run(*argv: str, what: str) -> subprocess.Popen[str]:
-        log = (root / f"{what}.log").open("w")
-        return subprocess.Popen(
-            argv, cwd=ROOT, env={**engine.env, "WORK": str(root / what)},
-            stdout=log, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+        with (root / f"{what}.log").open("w") as log:
+            process = subprocess.Popen(
+                argv, cwd=ROOT, env={**engine.env, "WORK": str(root / what), "TMPDIR": str(root)},
+                stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            )  # fmt: skip
+        started.append(process)
+        return process
 
     def finish(process: subprocess.Popen[str], what: str) -> None:
         code = process.wait(timeout=1200)
@@ -228,18 +233,34 @@ def _build_images(
                 report(line)
         assert code == 0, f"{what} failed (exit {code}):\n{text[-4000:]}"
 
-    with phases("mmdebstrap + import local/debian:bookworm"):
-        finish(run("bash", script, "debian", what="debian"), "debian")
-    with phases("build stand-ins and the geoscrape image (parallel)"):
-        services = run("bash", script, "rabbitmq", "redis", "postgres", what="services")
-        finish(run("bash", script, "python", what="python"), "python")
-        started = time.monotonic()
-        engine.docker(
-            "build", "--network", "host", "--build-arg", f"PYTHON_IMAGE={IMAGES['PYTHON_IMAGE']}",
-            "-t", "geoscrape:latest", str(ROOT), timeout=1200,
-        )  # fmt: skip
-        report(f"built geoscrape:latest in {time.monotonic() - started:.0f} s")
-        finish(services, "services")
+    try:
+        with phases("mmdebstrap + import local/debian:bookworm"):
+            finish(run("bash", script, "debian", what="debian"), "debian")
+        with phases("build stand-ins and the geoscrape image (parallel)"):
+            services = run("bash", script, "rabbitmq", "redis", "postgres", what="services")
+            finish(run("bash", script, "python", what="python"), "python")
+            begun = time.monotonic()
+            image = run(
+                "docker", "build", "--network", "host",
+                "--build-arg", f"PYTHON_IMAGE={IMAGES['PYTHON_IMAGE']}",
+                "-t", "geoscrape:latest", str(ROOT), what="geoscrape",
+            )  # fmt: skip
+            finish(image, "geoscrape")
+            report(f"built geoscrape:latest in {time.monotonic() - begun:.0f} s")
+            finish(services, "services")
+    finally:
+        # Interrupted or failed: stop the builds still running (each in its own session).
+        # SIGTERM first: mmdebstrap then unmounts what it mounted in its chroot.
+        for process in started:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(timeout=30)
 
 
 def _bring_up(stack: Stack) -> None:
