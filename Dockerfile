@@ -1,6 +1,8 @@
 # One image for every geoscrape service: central (migrate, beat, ingest, api,
 # flower) and regional workers. Each service runs a `geoscrape` subcommand.
-FROM python:3.11-slim
+# Any Python 3.11+ image with pip; deploy/offline/build.sh makes a local stand-in.
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

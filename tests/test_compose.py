@@ -1,10 +1,11 @@
 """docker-compose.yml, deploy/region.compose.yml and the Dockerfile, checked without Docker.
 
-There is no Docker engine here, so these tests check what can go wrong in the
-files themselves: they parse; every `geoscrape` command a service runs exists
-with those arguments (`--help` succeeds); each worker pins exactly its region
-and logs in as its region's user; every environment variable the code reads is
-classified and set where it is needed; the image's entry point exists.
+These fast checks need no Docker engine (tests/compose/ brings the stack up on
+a real one); they check what can go wrong in the files themselves: they parse;
+every `geoscrape` command a service runs exists with those arguments (`--help`
+succeeds); each worker pins exactly its region and logs in as its region's
+user; every environment variable the code reads is classified and set where it
+is needed; the image's entry point exists; images and ports are variables.
 """
 
 from __future__ import annotations
@@ -98,9 +99,30 @@ def test_files_parse_and_every_image_is_built_from_the_one_dockerfile() -> None:
     assert "management" in compose["services"]["rabbitmq"]["image"]
     for name, (path, svc) in services().items():
         if "build" in svc:
-            dockerfile = (ROOT / path).parent / svc["build"] / "Dockerfile"
+            build = svc["build"]
+            dockerfile = (ROOT / path).parent / build["context"] / "Dockerfile"
             assert dockerfile.resolve() == ROOT / "Dockerfile", name
             assert svc["image"] == "geoscrape:latest", name
+            # The base image is a build argument with today's default (offline: a stand-in).
+            assert build["args"] == {"PYTHON_IMAGE": "${PYTHON_IMAGE:-python:3.11-slim}"}, name
+
+
+def test_images_and_published_ports_are_variables_with_todays_defaults() -> None:
+    compose = load("docker-compose.yml")["services"]
+    assert compose["rabbitmq"]["image"] == "${RABBITMQ_IMAGE:-rabbitmq:3.13-management}"
+    assert compose["redis"]["image"] == "${REDIS_IMAGE:-redis:7-alpine}"
+    assert compose["postgres"]["image"] == "${POSTGRES_IMAGE:-postgres:16-alpine}"
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3.11-slim\nFROM \$\{PYTHON_IMAGE\}$",
+                     (ROOT / "Dockerfile").read_text(), re.M)  # fmt: skip
+    for name, svc in compose.items():
+        for port in svc.get("ports", []):
+            # PUBLISH_ADDRESS:HOST_PORT:CONTAINER_PORT, both host parts variables
+            assert re.fullmatch(
+                r"\$\{PUBLISH_ADDRESS:-0\.0\.0\.0\}:\$\{[A-Z_]+:-(\d+)\}:\1", port
+            ), (
+                name,
+                port,
+            )
 
 
 @pytest.mark.parametrize("name", sorted(geoscrape_services()))
