@@ -13,6 +13,8 @@ import typer
 
 from geoscrape import cli_query, cli_regions, cli_reliability, cli_schedule, output
 from geoscrape.clikit import DEFAULT_CONFIG, ConfigOption, database_url, err, out, sessions
+from geoscrape.errors import BadInput, GeoscrapeError
+from geoscrape.logs import LogFormat, LogLevel, setup_logging
 from regions.errors import RegionsError
 from scheduler.errors import SchedulerError
 from scraper.errors import ScraperError
@@ -29,6 +31,38 @@ db_app = typer.Typer(help="The central store's schema.", no_args_is_help=True)
 dev_app = typer.Typer(help="Development and test tooling.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(dev_app, name="dev")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from geoscrape import __version__
+
+        print(f"geoscrape {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _global(
+    log_level: Annotated[
+        LogLevel,
+        typer.Option(envvar="GEOSCRAPE_LOG_LEVEL", help="Log level (env GEOSCRAPE_LOG_LEVEL)."),
+    ] = LogLevel.info,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(envvar="GEOSCRAPE_LOG_FILE", help="Append logs to this file, not stderr."),
+    ] = None,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(envvar="GEOSCRAPE_LOG_FORMAT", help="text, or json: one object per line."),
+    ] = LogFormat.text,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Geo-distributed web scraping: crawl sites from pinned regions, compare centrally."""
+    if log_file is not None and not log_file.parent.is_dir():
+        raise BadInput(f"--log-file {log_file}: directory {log_file.parent} does not exist")
+    setup_logging(log_level, log_file, log_format)
 
 
 @app.command()
@@ -173,11 +207,31 @@ def dev_shop(
 for area in (cli_schedule, cli_regions, cli_query, cli_reliability):
     area.register(app)
 
-ERRORS = (SchedulerError, RegionsError, ScraperError, StorageError)
+ERRORS = (GeoscrapeError, SchedulerError, RegionsError, ScraperError, StorageError)
+
+
+def _boundary_error(exc: BaseException) -> Exception | None:
+    """A database or broker error that escaped its package, mapped as the package would."""
+    import sqlite3
+
+    import psycopg
+    from amqp.exceptions import AMQPError
+    from kombu.exceptions import KombuError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if isinstance(exc, SQLAlchemyError | sqlite3.Error | psycopg.Error):
+        from storage.boundary import translate
+
+        return translate(database_url(), exc)
+    if isinstance(exc, KombuError | AMQPError | ConnectionError):
+        from regions.bus import broker_url, classify_broker_error
+
+        return classify_broker_error(broker_url(), exc)
+    return None
 
 
 def main() -> None:
-    """Console entry point: package errors become one clear line, not a traceback."""
+    """Console entry point: every error becomes one clear line and exit 2, not a traceback."""
     try:
         app()
     except ERRORS as exc:
@@ -185,6 +239,12 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        mapped = _boundary_error(exc)
+        if mapped is None:
+            raise
+        err.print(f"error: {mapped}", markup=False, highlight=False, style="red")
+        sys.exit(2)
 
 
 if __name__ == "__main__":
