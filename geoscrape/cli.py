@@ -80,16 +80,26 @@ def check(file: Annotated[Path, typer.Argument(help="The sites file to validate.
 def worker(
     region: Annotated[str, typer.Option("--region", "-r", help="The region to serve.")],
     concurrency: Annotated[int, typer.Option(min=1, help="Crawls run at once.")] = 1,
+    stop_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0, help="After a stop signal, seconds before crawls are aborted and handed back."
+        ),
+    ] = 30.0,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
-    """Run a regional worker: consume only `scrape.<region>` and crawl its jobs."""
+    """Run a regional worker: consume only `scrape.<region>` and crawl its jobs.
+
+    Ctrl-C / SIGTERM finishes the crawl in progress; a second one (or
+    --stop-timeout) aborts it and hands the run back to the region's queue.
+    """
     from regions.bus import check_broker
     from regions.worker import check_region, run_worker
     from scheduler.loader import load_config
 
     check_region(region, list(load_config(config).regions))
     check_broker()
-    run_worker(region, concurrency=concurrency)
+    run_worker(region, concurrency=concurrency, stop_timeout=stop_timeout)
 
 
 @app.command()

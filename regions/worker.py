@@ -31,7 +31,8 @@ from regions.app import CRAWL_TASK, make_app
 from regions.bus import connect, missing_topology, publish_ingest, redact, scrape_queue_name
 from regions.errors import UnknownRegion
 from regions.heartbeat import Heartbeat, worker_name
-from regions.messages import Job, dump, expired_run, utcnow
+from regions.messages import Job, RunProgress, RunReleased, dump, expired_run, utcnow
+from regions.stopping import DEFAULT_STOP_TIMEOUT, StopControl
 
 log = logging.getLogger("geoscrape.worker")
 
@@ -85,10 +86,15 @@ def ack_delivery(task_id: str) -> None:
     request.acknowledged = True  # Celery's own late ack becomes a no-op
 
 
-def worker_app(region: str, url: str | None = None) -> Celery:
-    """A Celery app whose only task crawls jobs of `region`."""
+def worker_app(region: str, url: str | None = None, control: StopControl | None = None) -> Celery:
+    """A Celery app whose only task crawls jobs of `region`.
+
+    `control` (regions/stopping.py) aborts crawls on a second stop signal:
+    the run is then handed back (RunReleased) rather than finished.
+    """
     app = make_app(url, regions=[region], declare=False)
     name = worker_name(region)
+    stop = control or StopControl()
 
     # acks_late (app default) keeps the job unacked until the task acks it
     # itself at crawl start (ack_delivery); a wrong-region job can still be
@@ -115,13 +121,41 @@ def worker_app(region: str, url: str | None = None) -> Celery:
             region,
             job.attempt,
         )
+        # Imported here so `geoscrape worker --help` stays fast.
+        from scraper.errors import CrawlAborted
+
         with connect(app.conf.broker_url) as conn:
 
             def publish(message: BaseModel) -> None:
+                if isinstance(message, RunProgress):
+                    stop.progress(job.run_id, message.stats.pages)
                 publish_ingest(conn, dump(message))
 
             task_id = str(self.request.id)
-            finished = run_job(job, publish, worker=name, on_started=lambda: ack_delivery(task_id))
+            stop.started(job)
+            try:
+                finished = run_job(
+                    job,
+                    publish,
+                    worker=name,
+                    on_started=lambda: ack_delivery(task_id),
+                    should_abort=stop.abort.is_set,
+                )
+            except CrawlAborted as aborted:
+                publish(
+                    RunReleased(
+                        run_id=job.run_id,
+                        site=job.site,
+                        region=job.region,
+                        worker=name,
+                        released_at=utcnow(),
+                        reason=f"worker stopping after {aborted.pages} pages",
+                    )
+                )
+                log.warning("run %s: %s; handed back to %s", job.run_id, aborted, region)
+                return
+            finally:
+                stop.finished(job.run_id)
         log.info(
             "run %s: %s, %d pages, %d items",
             job.run_id,
@@ -133,15 +167,27 @@ def worker_app(region: str, url: str | None = None) -> Celery:
     return app
 
 
-def run_worker(region: str, *, concurrency: int = 1, url: str | None = None) -> None:
-    """Run a worker for `region` in the foreground until stopped (SIGTERM/SIGINT)."""
-    app = worker_app(region, url)
+def run_worker(
+    region: str,
+    *,
+    concurrency: int = 1,
+    url: str | None = None,
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+) -> None:
+    """Run a worker for `region` in the foreground until stopped (SIGTERM/SIGINT).
+
+    The first signal finishes the crawls in progress; a second one (or
+    `stop_timeout` seconds) hands them back (regions/stopping.py).
+    """
+    control = StopControl(stop_timeout).connect()
+    app = worker_app(region, url, control)
     wait_for_topology(app.conf.broker_url, region)
     heartbeat = Heartbeat(app.conf.broker_url, region).start()
     try:
         _worker_main(app, region, concurrency)
     finally:
         heartbeat.stop()
+        control.disconnect()
 
 
 def wait_for_topology(url: str, region: str, *, interval: float = 2.0) -> None:
