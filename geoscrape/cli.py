@@ -66,7 +66,14 @@ def _global(
 
 
 @app.command()
-def check(file: Annotated[Path, typer.Argument(help="The sites file to validate.")]) -> None:
+def check(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            envvar="GEOSCRAPE_CONFIG", help="The sites file to validate (env GEOSCRAPE_CONFIG)."
+        ),
+    ] = DEFAULT_CONFIG,
+) -> None:
     """Validate a sites file: `ok` and a summary, or every error as FILE:LINE."""
     from scheduler.check import check as run_check
 
@@ -159,8 +166,11 @@ def runs(
 ) -> None:
     """List recent runs, newest first."""
     from storage.queries import list_runs
+    from storage.validate import check_run_filters, check_status
 
+    check_status(status)  # before the store: a typo needs no database
     with sessions()() as session:
+        check_run_filters(session, site, region, status)
         rows = list_runs(session, site=site, region=region, status=status, limit=limit)
     output.print_runs(out, rows)
 
@@ -173,8 +183,11 @@ def items(
 ) -> None:
     """The latest items of SITE, per region."""
     from storage.queries import list_items
+    from storage.validate import check_region, check_site
 
     with sessions()() as session:
+        check_site(session, site)
+        check_region(session, region, site)
         rows = list_items(session, site, region=region)
     output.print_items(out, rows, format)
 

@@ -164,7 +164,7 @@ def register(app: typer.Typer) -> None:
         from storage.history import changes as run_changes
         from storage.since import parse_since
 
-        when = parse_since(since, what="--since")
+        when = parse_since(since, what="since")
         with sessions()() as session:
             result = run_changes(session, site, when, region=region)
         if format is ViewFormat.json:
@@ -204,7 +204,7 @@ def register(app: typer.Typer) -> None:
         from storage.export import export as run_export
         from storage.since import parse_since
 
-        when = parse_since(since, what="--since") if since is not None else None
+        when = parse_since(since, what="since") if since is not None else None
         with sessions()() as session:
             count = run_export(
                 session,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -191,17 +192,29 @@ class ExtractField(_Model):
         return self
 
 
+def check_start_url(url: str) -> None:
+    """ValueError unless `url` is an absolute http(s) URL with a host (caught at check time:
+    a URL without a scheme would otherwise fail only in the worker, with no fetch row)."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        return
+    if "://" not in url:
+        raise ValueError(
+            f"start URL {url!r} has no scheme: write it as 'http://{url}' (or https://)"
+        )
+    raise ValueError(f"start URL {url!r} is not an absolute http:// or https:// URL")
+
+
 class Extract(_Model):
     pages: Regexes = []  # extract only from pages whose URL matches one (default: all)
     items: str | None = None  # CSS selector: one item per matched node
     key: str | None = None  # field that identifies an item across runs and regions
-    fields: dict[str, ExtractField]
+    # Required unless the site runs its own spider (whose items only need `key`).
+    fields: dict[str, ExtractField] = {}
 
     @model_validator(mode="after")
     def _key_is_a_field(self) -> Extract:
-        if not self.fields:
-            raise ValueError("'fields' must name at least one field")
-        if self.key is not None and self.key not in self.fields:
+        if self.fields and self.key is not None and self.key not in self.fields:
             raise ValueError(f"key {self.key!r} is not one of the fields")
         return self
 
@@ -237,11 +250,20 @@ class Site(_Model):
                 raise ValueError("'start_urls' is required unless 'spider' is given")
             if self.extract is None:
                 raise ValueError("'extract' is required unless 'spider' is given")
+            if not self.extract.fields:
+                raise ValueError("'extract.fields' must name at least one field")
         elif ":" not in self.spider:
             raise ValueError("'spider' must look like 'package.module:SpiderClass'")
         if self.engine == "requests" and self.follow is not None:
             raise ValueError("engine 'requests' fetches the listed URLs only; drop 'follow'")
         return self
+
+    @field_validator("start_urls")
+    @classmethod
+    def _absolute_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            check_start_url(url)
+        return urls
 
     @field_validator("regions")
     @classmethod

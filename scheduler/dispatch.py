@@ -37,6 +37,11 @@ def plan_jobs(
         if region not in config.regions:
             declared = ", ".join(config.regions)
             raise DispatchError(f"region {region!r} is not declared (declared: {declared})")
+        if region not in site.regions:
+            raise DispatchError(
+                f"site {site_name!r} does not run in region {region!r} "
+                f"(its regions: {', '.join(site.regions)})"
+            )
     snapshot = config.resolved_site(site_name).model_dump(mode="json")
     now = utcnow()
     return [

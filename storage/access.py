@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from storage.models import fetches
 from storage.snapshots import RunRef, site_runs
+from storage.validate import check_region
 
 Verdict = Literal["ok", "geo-blocked", "blocked-everywhere", "unreachable", "partial", "pending"]
 REFUSAL_STATUSES = frozenset({403, 451})
@@ -173,6 +174,7 @@ def _outcomes(session: Session, run_id: str) -> list[Outcome]:
 def access(session: Session, site: str, rounds: int = 5, region: str | None = None) -> AccessResult:
     """Verdicts of the ``rounds`` newest rounds of ``site``, every region compared."""
     all_runs = site_runs(session, site)
+    check_region(session, region, site)
     by_round: dict[str, dict[str, RunRef]] = {}
     for ref in all_runs:  # oldest first: a later run of a region in a round wins
         by_round.setdefault(ref.round, {})[ref.region] = ref

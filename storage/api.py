@@ -26,17 +26,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from regions.messages import RunStatus
 from storage.access import AccessResult, access
 from storage.compare import CompareResult, compare
-from storage.errors import NotFoundError, QueryError, StorageError
+from storage.errors import NotFoundError, StorageError
 from storage.history import ChangesResult, HistoryResult, changes, history
 from storage.queries import ItemRow, RunRow, list_items_page, list_runs_page
 from storage.since import parse_since
+from storage.validate import check_region, check_run_filters, check_site
 
 TOKEN_ENV = "GEOSCRAPE_API_TOKEN"
 MAX_LIMIT = 1000
-RUN_STATUSES = frozenset(RunStatus.__args__)  # type: ignore[attr-defined]
 
 T = TypeVar("T")
 
@@ -185,9 +184,7 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         offset: Offset = 0,
     ) -> dict[str, Any]:
         """Runs, newest first, filtered by site, region, status and time (queued/started)."""
-        if status is not None and status not in RUN_STATUSES:
-            known = ", ".join(sorted(RUN_STATUSES))
-            raise QueryError(f"status: {status!r} is not a run status (one of: {known})")
+        check_run_filters(db, site, region, status)
         rows = list_runs_page(
             db,
             site=site,
@@ -205,11 +202,9 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         db: Db, site: str, region: str | None = None, limit: Limit = 100, offset: Offset = 0
     ) -> dict[str, Any]:
         """The latest data of every item of the site, by region then key."""
+        check_site(db, site)
+        check_region(db, region, site)
         rows = list_items_page(db, site, region=region, limit=limit + 1, offset=offset)
-        if not rows and offset == 0:
-            from storage.snapshots import require_site
-
-            require_site(db, site)
         return _page(rows, limit, offset)
 
     @app.get("/sites/{site}/compare", dependencies=guarded, response_model=CompareResult)

@@ -32,6 +32,7 @@ from storage.snapshots import (
     stream_snapshot,
     tick_runs,
 )
+from storage.validate import check_fields
 
 NUMERIC_TYPES = frozenset({"price", "int", "float"})
 
@@ -121,6 +122,7 @@ class Comparison:
         declared, key_field = declared_fields(site_config(session, site))
         self.declared = declared
         if fields:
+            check_fields(site, fields, list(declared))
             self.fields = list(dict.fromkeys(fields))
         elif declared:
             self.fields = [f for f in declared if f != key_field]
