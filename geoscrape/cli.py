@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from geoscrape import cli_query, cli_regions, cli_reliability, cli_schedule, output
+from geoscrape import cli_query, cli_regions, cli_reliability, cli_schedule, cli_story, output
 from geoscrape.clikit import DEFAULT_CONFIG, ConfigOption, database_url, err, out, sessions
 from geoscrape.errors import BadInput, GeoscrapeError
 from geoscrape.logs import LogFormat, LogLevel, setup_logging
@@ -157,14 +157,24 @@ def crawl(
             raise typer.Exit(1)
 
 
-@app.command()
+runs_app = typer.Typer(
+    help="Recent runs (newest first); `runs show RUN` for the whole story of one.",
+    invoke_without_command=True,
+)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback()
 def runs(
+    ctx: typer.Context,
     site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
     region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
     status: Annotated[str | None, typer.Option(help="Only runs in this status.")] = None,
-    limit: Annotated[int, typer.Option(min=1)] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=1_000_000)] = 50,
 ) -> None:
-    """List recent runs, newest first."""
+    """List recent runs, newest first (`runs show RUN`: one run in full)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from storage.queries import list_runs
     from storage.validate import check_run_filters, check_status
 
@@ -229,6 +239,7 @@ def dev_shop(
 
 for area in (cli_schedule, cli_regions, cli_query, cli_reliability):
     area.register(app)
+cli_story.register(app, runs_app)
 
 ERRORS = (GeoscrapeError, SchedulerError, RegionsError, ScraperError, StorageError)
 

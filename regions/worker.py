@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from regions.app import CRAWL_TASK, make_app
 from regions.bus import connect, missing_topology, publish_ingest, redact, scrape_queue_name
-from regions.errors import UnknownRegion
+from regions.errors import RegionsError, UnknownRegion
 from regions.heartbeat import Heartbeat, worker_name
 from regions.messages import Job, RunProgress, RunReleased, dump, expired_run, utcnow
 from regions.stopping import DEFAULT_STOP_TIMEOUT, StopControl
@@ -43,6 +43,11 @@ def check_region(region: str, declared: list[str]) -> None:
             f"region {region!r} is not declared in the config "
             f"(declared: {', '.join(declared) or 'none'})"
         )
+
+
+class RunNotSucceeded(RegionsError):
+    """The crawl task's outcome for Celery when its run did not succeed (no traceback:
+    it is an expected outcome, recorded in the store)."""
 
 
 class DeliveryLost(RuntimeError):
@@ -99,7 +104,7 @@ def worker_app(region: str, url: str | None = None, control: StopControl | None 
     # acks_late (app default) keeps the job unacked until the task acks it
     # itself at crawl start (ack_delivery); a wrong-region job can still be
     # rejected to scrape.dead before that.
-    @app.task(name=CRAWL_TASK, bind=True, Request=CrawlRequest)
+    @app.task(name=CRAWL_TASK, bind=True, Request=CrawlRequest, throws=(RunNotSucceeded,))
     def crawl(self: Any, job_body: dict[str, Any]) -> None:
         # Imported here so `geoscrape worker --help` stays fast.
         from scraper.runner import run_job
@@ -163,6 +168,11 @@ def worker_app(region: str, url: str | None = None, control: StopControl | None 
             finished.stats.pages,
             finished.stats.items,
         )
+        if finished.status != "succeeded":
+            # Celery's own state ("Task ... raised expected") says the run failed, too.
+            raise RunNotSucceeded(
+                f"run {job.run_id} {finished.status}: {finished.error or ''}"[:500]
+            )
 
     return app
 

@@ -111,6 +111,18 @@ def classify(
             Evidence(url=o.url, status=None, final_url=None, error=o.error, why="network error")
             for o in errors[: max(0, MAX_EVIDENCE - len(refused))]
         ]
+        # Other HTTP errors (404, 500...) are not refusals, but name their URLs too.
+        failed = [o for o in outs if o.status is not None and o.status >= 400 and not refusal(o)]
+        evidence += [
+            Evidence(
+                url=o.url,
+                status=o.status,
+                final_url=o.final_url,
+                error=o.error,
+                why=f"HTTP {o.status}",
+            )
+            for o in failed[: max(0, MAX_EVIDENCE - len(evidence))]
+        ]
         verdict: Verdict
         if not outs:
             done = finished.get(region, True) if finished else True

@@ -31,6 +31,7 @@ from storage.compare import CompareResult, compare
 from storage.errors import NotFoundError, StorageError
 from storage.history import ChangesResult, HistoryResult, changes, history
 from storage.queries import ItemRow, RunRow, list_items_page, list_runs_page
+from storage.runinfo import FetchList, RunDetail, run_detail, run_fetches
 from storage.since import parse_since
 from storage.validate import check_region, check_run_filters, check_site
 
@@ -196,6 +197,21 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
             offset=offset,
         )
         return _page(rows, limit, offset)
+
+    @app.get("/runs/{run_id}", dependencies=guarded, response_model=RunDetail)
+    def run_(db: Db, run_id: str) -> RunDetail:
+        """One run in full: complete error, stats, worker and egress, limits reached, config."""
+        return run_detail(db, run_id)
+
+    @app.get("/runs/{run_id}/fetches", dependencies=guarded, response_model=FetchList)
+    def fetches_(
+        db: Db,
+        run_id: str,
+        status: Annotated[str | None, Query(description="404, 4xx, 5xx...")] = None,
+        errors: Annotated[bool, Query(description="only failed fetches")] = False,
+    ) -> FetchList:
+        """The URLs the run fetched, with status, size and error."""
+        return run_fetches(db, run_id, status=status, errors=errors)
 
     @app.get("/sites/{site}/items", dependencies=guarded, response_model=Page[ItemRow])
     def items_(

@@ -34,6 +34,9 @@ CASES = [
     (["history", "shop", "ZZZ"], "/sites/shop/history?key=ZZZ", 404),
     (["changes", "nosuch"], "/sites/nosuch/changes", 404),
     (["changes", "shop", "--since", "bogus"], "/sites/shop/changes?since=bogus", 400),
+    (["runs", "show", "nosuch"], "/runs/nosuch", 404),
+    (["fetches", "nosuch"], "/runs/nosuch/fetches", 404),
+    (["fetches", "t1-asia", "--status", "4x4"], "/runs/t1-asia/fetches?status=4x4", 400),
 ]
 
 
@@ -126,3 +129,34 @@ def test_a_spider_site_may_give_only_a_key() -> None:
     )
     site = config.site("books")
     assert site.extract is not None and site.extract.key == "sku"
+
+
+def test_runs_show_and_fetches_tell_the_whole_story(
+    store: tuple[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    url, base = store
+    monkeypatch.setenv("GEOSCRAPE_DATABASE_URL", url)
+
+    def cli_json(*argv: str) -> object:
+        old = sys.argv
+        sys.argv = ["geoscrape", *argv, "--format", "json"]
+        try:
+            main()
+        except SystemExit as exc:
+            assert not exc.code, capsys.readouterr().err
+        finally:
+            sys.argv = old
+        return json.loads(capsys.readouterr().out)
+
+    shown = cli_json("runs", "show", "t1-as")  # a unique prefix will do
+    assert shown == requests.get(f"{base}/runs/t1-asia", timeout=30).json()
+    assert shown["id"] == "t1-asia" and shown["config"]["name"] == "shop"
+    failed = cli_json("fetches", "t1-asia", "--errors")
+    assert failed == requests.get(f"{base}/runs/t1-asia/fetches?errors=true", timeout=30).json()
+    assert failed["fetches"] and all(
+        f["status"] is None or f["status"] >= 400 for f in failed["fetches"]
+    )
+    four = cli_json("fetches", "t1-asia", "--status", "4xx")
+    assert {f["status"] for f in four["fetches"]} == {451}

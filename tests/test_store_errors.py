@@ -25,8 +25,8 @@ GEOSCRAPE = str(Path(sys.executable).with_name("geoscrape"))
 
 STORE_COMMANDS = [
     ["runs"],
-    # ["runs", "show", "abc"],
-    # ["fetches", "abc"],
+    ["runs", "show", "abc"],
+    ["fetches", "abc"],
     ["items", "shop"],
     ["compare", "shop"],
     ["access", "shop"],
