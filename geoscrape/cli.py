@@ -136,21 +136,54 @@ def crawl(
     ] = None,
     wait: Annotated[bool, typer.Option(help="Show progress until the runs finish.")] = False,
     timeout: Annotated[float, typer.Option(help="Give up waiting after this many s.")] = 3600,
+    expires: Annotated[
+        str | None,
+        typer.Option(
+            help="A job no worker started within this expires (30s, 10m; "
+            "default: defaults.expires in the sites file, 1h)."
+        ),
+    ] = None,
+    keep_waiting: Annotated[
+        bool,
+        typer.Option(help="--wait: keep waiting even when a region has no worker consuming."),
+    ] = False,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
     """Dispatch one crawl of SITE per region now."""
+    from datetime import timedelta
+
     from regions.bus import check_broker
+    from regions.messages import utcnow
     from scheduler.dispatch import plan_jobs, publish_jobs
     from scheduler.loader import load_config
+    from scheduler.units import parse_duration
 
-    jobs = plan_jobs(load_config(config), site, region)
+    loaded = load_config(config)
+    try:
+        ttl = float(parse_duration(expires)) if expires is not None else loaded.defaults.expires
+    except ValueError as exc:
+        raise BadInput(f"--expires: {exc}") from None
+    if ttl <= 0:
+        raise BadInput(f"--expires: {expires!r} must be above 0")
+    deadline = utcnow() + timedelta(seconds=ttl)
+    jobs = [j.model_copy(update={"expires_at": deadline}) for j in plan_jobs(loaded, site, region)]
     check_broker()
     publish_jobs(jobs)
     for job in jobs:
-        out.print(f"queued run {job.run_id} for {job.site} in {job.region}", highlight=False)
+        out.print(
+            f"queued run {job.run_id} for {job.site} in {job.region} (expires in {ttl:g}s)",
+            highlight=False,
+        )
     if wait:
-        from geoscrape.progress import wait_for_runs
+        from geoscrape.progress import unserved_regions, wait_for_runs
 
+        idle = unserved_regions([j.region for j in jobs])
+        if idle and not keep_waiting:
+            raise BadInput(
+                f"no worker is consuming {', '.join(idle)}: start 'geoscrape worker --region "
+                f"{idle[0].removeprefix('scrape.')}' (the run stays queued until it expires "
+                f"in {ttl:g}s), or pass --keep-waiting"
+            )
         runs = wait_for_runs(database_url(), [j.run_id for j in jobs], timeout=timeout)
         output.print_runs(out, runs)
         if any(r.status != "succeeded" for r in runs):

@@ -44,6 +44,20 @@ def _line(run: RunRow) -> str:
     )
 
 
+def unserved_regions(regions: Sequence[str]) -> list[str]:
+    """The queues of `regions` no worker consumes right now (the broker's consumer
+    count), as 'scrape.<region>'; asked once, right after dispatch."""
+    from regions.bus import connect, queue_depth, scrape_queue_name
+
+    idle = []
+    with connect() as conn:
+        for region in dict.fromkeys(regions):
+            depth = queue_depth(conn, scrape_queue_name(region))
+            if depth is None or depth[1] == 0:
+                idle.append(scrape_queue_name(region))
+    return idle
+
+
 def wait_for_runs(
     db_url: str,
     run_ids: Sequence[str],

@@ -221,6 +221,9 @@ class Extract(_Model):
 
 class Defaults(_Model):
     schedule: Schedule | None = None
+    # Manual crawls (`geoscrape crawl`): a job no worker started within this
+    # expires (RabbitMQ message TTL), as a scheduled one does at its next tick.
+    expires: Duration = Field(3600.0, gt=0)
     politeness: Politeness = Politeness()
     limits: Limits = Limits()
     # SSRF guard: loopback/private/link-local/metadata addresses are refused
