@@ -24,7 +24,8 @@ def row(key: str, name: dict[str, Any], price: dict[str, Any], differs: list[str
         "values": {"name": name, "price": price},
         "differs": differs,
         "missing": missing,
-        "spread": {"price": {"min": low, "max": high, "ratio": ratio}},
+        "spread": {"price": {"min": low, "max": high, "ratio": ratio, "currency": None}},
+        "spread_by_currency": {},
     }
 
 
