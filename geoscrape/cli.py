@@ -177,7 +177,7 @@ def crawl(
     if wait:
         from geoscrape.progress import unserved_regions, wait_for_runs
 
-        idle = unserved_regions([j.region for j in jobs])
+        idle = unserved_regions([(j.run_id, j.region) for j in jobs], database_url())
         if idle and not keep_waiting:
             raise BadInput(
                 f"no worker is consuming {', '.join(idle)}: start 'geoscrape worker --region "
