@@ -192,17 +192,21 @@ class ExtractField(_Model):
         return self
 
 
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):(?!\d)")
+
+
 def check_start_url(url: str) -> None:
-    """ValueError unless `url` is an absolute http(s) URL with a host (caught at check time:
-    a URL without a scheme would otherwise fail only in the worker, with no fetch row)."""
-    parts = urlsplit(url)
-    if parts.scheme in ("http", "https") and parts.hostname:
-        return
-    if "://" not in url:
+    """ValueError for a start URL without a scheme (`127.0.0.1:8811/x`, `shop.test/x`)
+    or an http(s) URL without a host: caught at check time, where it would
+    otherwise fail only in the worker, with no fetch row. Other schemes
+    (file:, data:) are left to the crawl's SSRF guard, which refuses them."""
+    match = _SCHEME.match(url)
+    if match is None:
         raise ValueError(
             f"start URL {url!r} has no scheme: write it as 'http://{url}' (or https://)"
         )
-    raise ValueError(f"start URL {url!r} is not an absolute http:// or https:// URL")
+    if match.group(1).lower() in ("http", "https") and not urlsplit(url).hostname:
+        raise ValueError(f"start URL {url!r} has no host")
 
 
 class Extract(_Model):

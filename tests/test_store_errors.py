@@ -36,7 +36,6 @@ STORE_COMMANDS = [
     ["status"],
     ["dead"],
     ["dead", "requeue", "abc"],
-    # ["cancel", "abc"],
     ["db", "upgrade"],
 ]
 
