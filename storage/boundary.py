@@ -16,6 +16,7 @@ transient database errors itself (storage/ingest.py).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,7 +40,7 @@ class SchemaMissing(StorageError):
 
 
 SCHEMA_HINT = "run 'geoscrape db upgrade' (or start 'geoscrape ingest') to create it"
-_NO_TABLE = ("no such table", "undefinedtable", "does not exist")
+_NO_TABLE = re.compile(r"no such table|undefinedtable|relation \S+ does not exist")
 
 
 def store_name(url: str) -> str:
@@ -59,10 +60,7 @@ def _first_line(exc: BaseException) -> str:
 def translate(url: str, exc: BaseException) -> StorageError:
     """The StorageError that says what `exc` means for the store at `url`."""
     reason = _first_line(exc)
-    if any(
-        marker in f"{type(getattr(exc, 'orig', exc)).__name__} {reason}".lower()
-        for marker in _NO_TABLE
-    ):
+    if _NO_TABLE.search(f"{type(getattr(exc, 'orig', exc)).__name__} {reason}".lower()):
         return SchemaMissing(
             f"store {store_name(url)} has no geoscrape schema ({reason}): {SCHEMA_HINT}"
         )

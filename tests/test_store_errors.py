@@ -161,3 +161,15 @@ def test_the_cli_says_which_broker_problem_it_is(
     monkeypatch.setenv("GEOSCRAPE_BROKER_URL", vhost_url + "-missing")
     code, err = _run_main(["crawl", "shop"], capsys)
     assert code == 2 and "vhost not usable" in err, err
+
+
+def test_a_missing_database_is_not_a_missing_schema() -> None:
+    from storage.boundary import SchemaMissing, StoreUnavailable, translate
+
+    url = "postgresql://geo:pw@db/geo"
+    missing_db = translate(url, RuntimeError('FATAL:  database "geo" does not exist'))
+    assert isinstance(missing_db, StoreUnavailable)
+    assert str(missing_db).startswith("store postgresql+psycopg://geo:***@db/geo is unavailable")
+    no_table = translate(url, RuntimeError('relation "runs" does not exist'))
+    assert isinstance(no_table, SchemaMissing)
+    assert "run 'geoscrape db upgrade'" in str(no_table)
