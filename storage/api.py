@@ -6,8 +6,9 @@ Every list is paged with ``limit`` (1..1000) and ``offset`` and answers
 ``{"data": [...], "limit", "offset", "next_offset"}``; compare and changes
 page their rows the same way inside their result. Errors are JSON
 ``{"error": "message"}``: 400 for a bad filter, 401 without the token, 404
-for an unknown site or key. When GEOSCRAPE_API_TOKEN is set, every endpoint
-but /health and the docs needs ``Authorization: Bearer <token>``.
+for an unknown site or key, 503 when the store is unavailable. When
+GEOSCRAPE_API_TOKEN is set, every endpoint but /health and the docs needs
+``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage.access import AccessResult, access
+from storage.boundary import SchemaMissing, StoreUnavailable, guard_engine
 from storage.compare import CompareResult, compare
 from storage.errors import NotFoundError, StorageError
 from storage.history import ChangesResult, HistoryResult, changes, history
@@ -105,7 +107,8 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
 
     url = database_url or default_url()
     ensure_schema(url)
-    factory: sessionmaker[Session] = session_factory(make_engine(url))
+    # Database failures while serving become StoreUnavailable: a 503 naming the store.
+    factory: sessionmaker[Session] = session_factory(guard_engine(make_engine(url), url))
     secret = token if token is not None else os.environ.get(TOKEN_ENV) or None
 
     app = FastAPI(
@@ -113,7 +116,12 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         version="1",
         description="Read-only queries of the geoscrape store: runs, items, cross-region "
         "compare, access verdicts, history and changes.",
-        responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+        responses={
+            400: {"model": ErrorBody},
+            401: {"model": ErrorBody},
+            404: {"model": ErrorBody},
+            503: {"model": ErrorBody},
+        },
     )
 
     app.state.sessions = factory
@@ -130,6 +138,11 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
     @app.exception_handler(NotFoundError)
     async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=404)
+
+    @app.exception_handler(StoreUnavailable)
+    @app.exception_handler(SchemaMissing)
+    async def _store_down(_: Request, exc: StorageError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=503)
 
     @app.exception_handler(StorageError)
     async def _bad_query(_: Request, exc: StorageError) -> JSONResponse:
