@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from geoscrape.testsite import Catalog, serve
 from geoscrape.testsite.config import shop_site_yaml
@@ -43,8 +44,11 @@ def shop() -> Iterator[tuple[str, Catalog]]:
 
 
 def the_run(s: Stack) -> dict:
-    with s.sessions()() as session:
-        rows = session.execute(select(runs)).mappings().all()
+    try:
+        with s.sessions()() as session:
+            rows = session.execute(select(runs)).mappings().all()
+    except OperationalError:  # ingest has not created the schema yet
+        return {}
     assert len(rows) <= 1, rows
     return dict(rows[0]) if rows else {}
 
