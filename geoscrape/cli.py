@@ -12,8 +12,18 @@ from typing import Annotated
 
 import typer
 
-from geoscrape import cli_query, cli_regions, cli_reliability, cli_schedule, cli_trust, output
+from geoscrape import (
+    cli_query,
+    cli_regions,
+    cli_reliability,
+    cli_schedule,
+    cli_story,
+    cli_trust,
+    output,
+)
 from geoscrape.clikit import DEFAULT_CONFIG, ConfigOption, database_url, err, out, sessions
+from geoscrape.errors import BadInput, GeoscrapeError
+from geoscrape.logs import LogFormat, LogLevel, setup_logging
 from regions.errors import RegionsError
 from scheduler.errors import SchedulerError
 from scraper.errors import ScraperError
@@ -32,8 +42,47 @@ app.add_typer(db_app, name="db")
 app.add_typer(dev_app, name="dev")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from geoscrape import __version__
+
+        print(f"geoscrape {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _global(
+    log_level: Annotated[
+        LogLevel,
+        typer.Option(envvar="GEOSCRAPE_LOG_LEVEL", help="Log level (env GEOSCRAPE_LOG_LEVEL)."),
+    ] = LogLevel.info,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(envvar="GEOSCRAPE_LOG_FILE", help="Append logs to this file, not stderr."),
+    ] = None,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(envvar="GEOSCRAPE_LOG_FORMAT", help="text, or json: one object per line."),
+    ] = LogFormat.text,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Geo-distributed web scraping: crawl sites from pinned regions, compare centrally."""
+    if log_file is not None and not log_file.parent.is_dir():
+        raise BadInput(f"--log-file {log_file}: directory {log_file.parent} does not exist")
+    setup_logging(log_level, log_file, log_format)
+
+
 @app.command()
-def check(file: Annotated[Path, typer.Argument(help="The sites file to validate.")]) -> None:
+def check(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            envvar="GEOSCRAPE_CONFIG", help="The sites file to validate (env GEOSCRAPE_CONFIG)."
+        ),
+    ] = DEFAULT_CONFIG,
+) -> None:
     """Validate a sites file: `ok` and a summary, or every error as FILE:LINE."""
     from scheduler.check import check as run_check
 
@@ -102,9 +151,19 @@ def worker(
     events: Annotated[
         bool, typer.Option("--events", help="Send Celery task events (Flower, celery events).")
     ] = False,
+    stop_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0, help="After a stop signal, seconds before crawls are aborted and handed back."
+        ),
+    ] = 30.0,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
-    """Run a regional worker: consume only `scrape.<region>` and crawl its jobs."""
+    """Run a regional worker: consume only `scrape.<region>` and crawl its jobs.
+
+    Ctrl-C / SIGTERM finishes the crawl in progress; a second one (or
+    --stop-timeout) aborts it and hands the run back to the region's queue.
+    """
     from regions.bus import check_broker
     from regions.worker import check_region, run_worker
     from scheduler.loader import load_config
@@ -132,6 +191,7 @@ def worker(
         egress=egress,
         source_address=source,
         events=events,
+        stop_timeout=stop_timeout,
     )
 
 
@@ -164,41 +224,89 @@ def crawl(
     ] = None,
     wait: Annotated[bool, typer.Option(help="Show progress until the runs finish.")] = False,
     timeout: Annotated[float, typer.Option(help="Give up waiting after this many s.")] = 3600,
+    expires: Annotated[
+        str | None,
+        typer.Option(
+            help="A job no worker started within this expires (30s, 10m; "
+            "default: defaults.expires in the sites file, 1h)."
+        ),
+    ] = None,
+    keep_waiting: Annotated[
+        bool,
+        typer.Option(help="--wait: keep waiting even when a region has no worker consuming."),
+    ] = False,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
     """Dispatch one crawl of SITE per region now."""
+    from datetime import timedelta
+
     from regions.bus import check_broker
+    from regions.messages import utcnow
     from scheduler.dispatch import plan_jobs, publish_jobs
     from scheduler.loader import load_config
+    from scheduler.units import parse_duration
     from storage.code import code_pinner
 
+    loaded = load_config(config)
+    try:
+        ttl = float(parse_duration(expires)) if expires is not None else loaded.defaults.expires
+    except ValueError as exc:
+        raise BadInput(f"--expires: {exc}") from None
+    if ttl <= 0:
+        raise BadInput(f"--expires: {expires!r} must be above 0")
+    deadline = utcnow() + timedelta(seconds=ttl)
     # The store is opened only for a site that runs deployed code.
-    jobs = plan_jobs(load_config(config), site, region, pin_code=code_pinner(database_url()))
+    planned = plan_jobs(loaded, site, region, pin_code=code_pinner(database_url()))
+    jobs = [j.model_copy(update={"expires_at": deadline}) for j in planned]
     check_broker()
     publish_jobs(jobs)
     for job in jobs:
-        out.print(f"queued run {job.run_id} for {job.site} in {job.region}", highlight=False)
+        out.print(
+            f"queued run {job.run_id} for {job.site} in {job.region} (expires in {ttl:g}s)",
+            highlight=False,
+        )
     if wait:
-        from geoscrape.progress import wait_for_runs
+        from geoscrape.progress import unserved_regions, wait_for_runs
 
+        idle = unserved_regions([(j.run_id, j.region) for j in jobs], database_url())
+        if idle and not keep_waiting:
+            raise BadInput(
+                f"no worker is consuming {', '.join(idle)}: start 'geoscrape worker --region "
+                f"{idle[0].removeprefix('scrape.')}' (the run stays queued until it expires "
+                f"in {ttl:g}s), or pass --keep-waiting"
+            )
         runs = wait_for_runs(database_url(), [j.run_id for j in jobs], timeout=timeout)
         output.print_runs(out, runs)
         if any(r.status != "succeeded" for r in runs):
             raise typer.Exit(1)
 
 
-@app.command()
+runs_app = typer.Typer(
+    help="Recent runs (newest first); `runs show RUN` for the whole story of one.",
+    invoke_without_command=True,
+)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback()
 def runs(
+    ctx: typer.Context,
     site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
     region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
     status: Annotated[str | None, typer.Option(help="Only runs in this status.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100_000)] = 50,
     format: Annotated[output.Format, typer.Option("--format", "-f")] = output.Format.table,
 ) -> None:
-    """List recent runs, newest first (json: with each run's egress attestation)."""
+    """List recent runs, newest first (json: with each run's egress attestation;
+    `runs show RUN`: one run in full)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from storage.queries import list_runs
+    from storage.validate import check_run_filters, check_status
 
+    check_status(status)  # before the store: a typo needs no database
     with sessions()() as session:
+        check_run_filters(session, site, region, status)
         rows = list_runs(session, site=site, region=region, status=status, limit=limit)
     output.print_runs(out, rows, format)
 
@@ -211,8 +319,11 @@ def items(
 ) -> None:
     """The latest items of SITE, per region."""
     from storage.queries import list_items
+    from storage.validate import check_region, check_site
 
     with sessions()() as session:
+        check_site(session, site)
+        check_region(session, region, site)
         rows = list_items(session, site, region=region)
     output.print_items(out, rows, format)
 
@@ -260,12 +371,33 @@ def dev_shop(
 
 for area in (cli_schedule, cli_regions, cli_query, cli_reliability, cli_trust):
     area.register(app)
+cli_story.register(app, runs_app)
 
-ERRORS = (SchedulerError, RegionsError, ScraperError, StorageError)
+ERRORS = (GeoscrapeError, SchedulerError, RegionsError, ScraperError, StorageError)
+
+
+def _boundary_error(exc: BaseException) -> Exception | None:
+    """A database or broker error that escaped its package, mapped as the package would."""
+    import sqlite3
+
+    import psycopg
+    from amqp.exceptions import AMQPError
+    from kombu.exceptions import KombuError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if isinstance(exc, SQLAlchemyError | sqlite3.Error | psycopg.Error):
+        from storage.boundary import translate
+
+        return translate(database_url(), exc)
+    if isinstance(exc, KombuError | AMQPError | ConnectionError):
+        from regions.bus import broker_url, classify_broker_error
+
+        return classify_broker_error(broker_url(), exc)
+    return None
 
 
 def main() -> None:
-    """Console entry point: package errors become one clear line, not a traceback."""
+    """Console entry point: every error becomes one clear line and exit 2, not a traceback."""
     try:
         app()
     except ERRORS as exc:
@@ -273,6 +405,12 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        mapped = _boundary_error(exc)
+        if mapped is None:
+            raise
+        err.print(f"error: {mapped}", markup=False, highlight=False, style="red")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

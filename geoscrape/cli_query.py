@@ -182,7 +182,7 @@ def register(app: typer.Typer) -> None:
         from storage.history import changes as run_changes
         from storage.since import parse_since
 
-        when = parse_since(since, what="--since")
+        when = parse_since(since, what="since")
         with sessions()() as session:
             result = run_changes(session, site, when, region=region)
         if format is ViewFormat.json:
@@ -195,8 +195,13 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def export(
         site: SiteArg,
-        output: Annotated[Path, typer.Option("--output", "-o", help="The file to write.")],
-        format: Annotated[ExportFormat, typer.Option("--format", "-f")] = ExportFormat.csv,
+        output: Annotated[
+            Path, typer.Option("--output", "-o", help="The file to write; - for stdout.")
+        ],
+        format: Annotated[
+            ExportFormat | None,
+            typer.Option("--format", "-f", help="Default: from the file name, else csv."),
+        ] = None,
         kind: Annotated[
             ExportKind, typer.Option("--kind", "-k", help="What to export.")
         ] = ExportKind.items,
@@ -218,6 +223,7 @@ def register(app: typer.Typer) -> None:
         """Stream SITE's items, observations or compare to a CSV, JSONL or Parquet file,
         or one run's kept responses to a WARC file (--kind warc --run RUN)."""
         from storage.errors import QueryError
+        from storage.export import STDOUT, infer_format
         from storage.export import export as run_export
         from storage.since import parse_since
 
@@ -240,14 +246,15 @@ def register(app: typer.Typer) -> None:
                 site,
                 output,
                 kind=kind.value,
-                fmt=format.value,
+                fmt=infer_format(output, format.value if format else None),
                 region=region,
                 since=when,
                 fields=field,
                 tick=run_tick,
                 only_diff=only_diff,
             )
-        err.print(f"wrote {count} {kind.value} rows to {output}", highlight=False)
+        where = "standard output" if output == STDOUT else str(output)
+        err.print(f"wrote {count} {kind.value} rows to {where}", highlight=False)
 
     @app.command()
     def api(

@@ -204,6 +204,20 @@ def status(config: ConfigOption = DEFAULT_CONFIG) -> None:
     out.print(table if runs else "no runs yet")
 
 
+def _worker_url(address: str) -> str:
+    """GEOSCRAPE_BROKER_URL for a worker inside a namespace: this shell's broker
+    credentials and vhost (the forwarder makes the broker see a local client, so
+    even guest may log in), the host replaced by the service address."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from regions.bus import broker_url
+
+    parts = urlsplit(broker_url())
+    auth = parts.netloc.rpartition("@")[0]
+    netloc = f"{auth}@{address}:5672" if auth else f"{address}:5672"
+    return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+
+
 @regions_app.command("up")
 def regions_up(
     region: Annotated[
@@ -220,6 +234,10 @@ def regions_up(
     refuse: Annotated[
         list[str] | None, typer.Option(help="Regions the shop answers 451 on /product/ pages.")
     ] = None,
+    subnet: Annotated[
+        str | None,
+        typer.Option(help="The service /24 (e.g. 10.77.40.0/24); default: derived from the tag."),
+    ] = None,
 ) -> None:
     """Namespaces per region, the geo shop and a broker forwarder; Ctrl-C removes all."""
     from geoscrape import netns
@@ -229,7 +247,8 @@ def regions_up(
     from scheduler.loader import load_config
 
     names = region or list(load_config(config).regions)
-    net = netns.create(names, tag=tag, persistent=True)
+    service_octet = netns.parse_subnet(subnet) if subnet is not None else None
+    net = netns.create(names, tag=tag, persistent=True, service_octet=service_octet)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -251,7 +270,7 @@ def regions_up(
                 f"geo shop:  {shop.url}/  (sites need allow_networks: ['{net.service_subnet}'])\n"
                 f"broker:    {net.service_address}:5672 -> {broker}\n"
                 f"a worker:  ip netns exec {net.hosts[names[0]].netns} env "
-                f"GEOSCRAPE_BROKER_URL=amqp://USER:PASS@{net.service_address}:5672/ "
+                f"GEOSCRAPE_BROKER_URL={_worker_url(net.service_address)} "
                 f"geoscrape worker --region {names[0]}\n"
                 "Ctrl-C removes everything.",
                 highlight=False,

@@ -34,10 +34,8 @@ def database_url() -> str:
 
 
 def sessions() -> Any:
-    """Sessions on the store, its schema brought up to date first."""
-    from storage.db import make_engine, session_factory
-    from storage.migrate import ensure_schema
+    """Sessions on the existing store (schema brought up to date), errors mapped
+    to StorageError naming the store (storage.boundary)."""
+    from storage.boundary import open_store
 
-    url = database_url()
-    ensure_schema(url)
-    return session_factory(make_engine(url))
+    return open_store(database_url())

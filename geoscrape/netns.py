@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import ipaddress
 import json
 import os
-import random
 import re
 import secrets
 import shutil
@@ -150,14 +150,51 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def pick_octets(tag: str, count: int, used: set[int], service: int | None = None) -> list[int]:
+    """Third octets for the service /24 and `count` regions, stable for a tag.
+
+    The service /24 is `service` (from --subnet) or derived from the tag (a
+    hash), so a sites.yaml written against `dev regions up` keeps working
+    after a restart; the regions take the next free octets after it. Only a
+    collision with a /24 in use moves them (a given `service` in use is an error).
+    """
+    candidates = list(range(1, 255))
+    if service is None:
+        start = int(hashlib.sha256(tag.encode()).hexdigest(), 16) % len(candidates)
+        ordered = candidates[start:] + candidates[:start]
+    else:
+        if service in used:
+            raise NetnsError(f"subnet {BASE}.{service}.0/24 is in use on this machine")
+        ordered = [c for c in candidates if c >= service] + [c for c in candidates if c < service]
+    free = [c for c in ordered if c not in used]
+    if len(free) < count + 1:
+        raise NetnsError(f"not enough free /24s in {BASE}.0.0/16")
+    return free[: count + 1]
+
+
+def parse_subnet(subnet: str) -> int:
+    """The third octet of a --subnet like 10.77.40.0/24; NetnsError otherwise."""
+    try:
+        net = ipaddress.ip_network(subnet)
+    except ValueError as exc:
+        raise NetnsError(f"--subnet {subnet!r}: {exc}") from None
+    if net.prefixlen != 24 or not str(net.network_address).startswith(f"{BASE}."):
+        raise NetnsError(
+            f"--subnet {subnet!r}: give a /24 inside {BASE}.0.0/16, e.g. {BASE}.40.0/24"
+        )
+    return int(str(net.network_address).split(".")[2])
+
+
 def create(
     regions: Iterable[str],
     *,
     tag: str | None = None,
     persistent: bool = False,
+    service_octet: int | None = None,
     base: str = BASE,
 ) -> RegionNet:
-    """Create one namespace per region, a bridge and the service address.
+    """Create one namespace per region, a bridge and the service address
+    (at stable addresses for a given tag: pick_octets).
 
     `base`: the first two octets of the /16 the /24s are picked from.
     """
@@ -172,10 +209,7 @@ def create(
         _remove_stale_locked()
         if _state_file(tag).exists():
             raise NetnsError(f"region network {tag!r} exists: remove it first ('down')")
-        free = sorted(set(range(1, 255)) - _used_octets(base))
-        if len(free) < len(regions) + 1:
-            raise NetnsError(f"not enough free /24s in {base}.0.0/16")
-        octets = random.sample(free, len(regions) + 1)
+        octets = pick_octets(tag, len(regions), _used_octets(base), service_octet)
         service = octets[0]
         net = RegionNet(
             tag=tag,

@@ -44,6 +44,48 @@ def _line(run: RunRow) -> str:
     )
 
 
+# How long `crawl --wait` gives a region's workers to show up as consumers
+# before it reports the region as unserved (a worker started at the same time
+# as the crawl needs a few seconds to connect).
+UNSERVED_GRACE_SECONDS = 60.0  # generous: a worker on a busy machine can take 30 s+
+WORKED = frozenset({"running", "succeeded", "failed"})  # statuses only a worker sets
+
+
+def unserved_regions(
+    jobs: Sequence[tuple[str, str]], db_url: str, *, grace: float = UNSERVED_GRACE_SECONDS
+) -> list[str]:
+    """The queues ('scrape.<region>') of `jobs` (run id, region) that no worker
+    consumes (the broker's consumer count) and whose run no worker started,
+    after waiting up to `grace` seconds for either."""
+    from regions.bus import connect, queue_depth, scrape_queue_name
+    from storage.boundary import open_store
+    from storage.queries import get_runs
+
+    deadline = time.monotonic() + grace
+    waiting = dict(jobs)
+    sessions = None
+    with connect() as conn:
+        while True:
+            for run_id, region in list(waiting.items()):
+                depth = queue_depth(conn, scrape_queue_name(region))
+                if depth is not None and depth[1] > 0:
+                    del waiting[run_id]
+            if waiting:
+                try:
+                    sessions = sessions or open_store(db_url)
+                    with sessions() as session:
+                        started = [
+                            r.id for r in get_runs(session, list(waiting)) if r.status in WORKED
+                        ]
+                except StorageError:
+                    started = []  # ingest may not have created the store yet
+                for run_id in started:
+                    waiting.pop(run_id, None)
+            if not waiting or time.monotonic() > deadline:
+                return sorted({scrape_queue_name(r) for r in waiting.values()})
+            time.sleep(POLL_SECONDS)
+
+
 def wait_for_runs(
     db_url: str,
     run_ids: Sequence[str],

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from storage.access import AccessResult
-from storage.compare import VERDICTS, CompareResult
+from storage.compare import VERDICTS, CompareResult, CompareRow
 from storage.history import ChangesResult, HistoryResult
 
 VERDICT_STYLE = {
@@ -41,6 +41,19 @@ def _when(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
+def _ratio(row: CompareRow, field: str) -> str:
+    """max/min, with its currency; one per currency when the regions quote several."""
+    spreads = row.spread_by_currency.get(field) or (
+        [row.spread[field]] if field in row.spread else []
+    )
+    parts = [
+        f"{s.ratio:.3f}" + (f" {s.currency}" if s.currency else "")
+        for s in spreads
+        if s.ratio is not None
+    ]
+    return "; ".join(parts) or "-"
+
+
 def print_compare(console: Console, result: CompareResult) -> None:
     table = Table("key", title=f"{result.site}: compare ({result.mode})")
     for field in result.fields:
@@ -58,8 +71,7 @@ def print_compare(console: Console, result: CompareResult) -> None:
                 text = cell(row.values[field][region]).replace("[", r"\[")
                 cells.append(f"[bold red]{text}[/]" if differs else text)
             if any(s.field == field and s.numeric for s in result.summary):
-                spread = row.spread.get(field)
-                cells.append(f"{spread.ratio:.3f}" if spread and spread.ratio else "-")
+                cells.append(_ratio(row, field))
             verdict = row.verdicts.get(field, "-")
             cells.append(f"[{VERDICT_STYLE.get(verdict, '')}]{verdict}[/]")
         cells.append(", ".join(row.missing))

@@ -23,6 +23,8 @@ from collections.abc import Iterable
 
 from kombu import Connection, Exchange, Queue
 
+from regions.errors import BrokerUnavailable
+
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 SCRAPE_EXCHANGE = Exchange("scrape", type="direct", durable=True)
@@ -134,6 +136,18 @@ BROKER_HINT = (
     "package (apt-get install rabbitmq-server) and run 'rabbitmq-server -detached'; "
     "point geoscrape at it with GEOSCRAPE_BROKER_URL"
 )
+LOGIN_HINT = (
+    "check the user and password in GEOSCRAPE_BROKER_URL (a region's user is created by "
+    "'geoscrape broker provision --apply')"
+)
+VHOST_HINT = (
+    "the vhost (the URL's path; '//' is the default vhost '/') must exist and the user needs "
+    "permissions on it: rabbitmqctl add_vhost NAME; rabbitmqctl set_permissions -p NAME USER ..."
+)
+TLS_HINT = (
+    "check GEOSCRAPE_BROKER_CA / GEOSCRAPE_BROKER_CERT / GEOSCRAPE_BROKER_KEY and that the "
+    "broker's certificate names the host in the URL (docs/REGIONS.md)"
+)
 
 
 def redact(url: str) -> str:
@@ -143,9 +157,48 @@ def redact(url: str) -> str:
     return str(maybe_sanitize_url(url))
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from (kombu wraps py-amqp's)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def classify_broker_error(url: str, exc: BaseException) -> BrokerUnavailable:
+    """The BrokerUnavailable subclass for `exc`, with the advice that fits it."""
+    import ssl
+
+    from amqp.exceptions import AccessRefused, NotAllowed
+
+    from regions.errors import (
+        BrokerLoginRefused,
+        BrokerTLSError,
+        BrokerUnreachable,
+        BrokerVhostMissing,
+    )
+
+    where = redact(url)
+    for cause in _causes(exc):
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if isinstance(cause, AccessRefused) or "ACCESS_REFUSED" in reason:
+            return BrokerLoginRefused(
+                f"RabbitMQ at {where} refused the login ({reason}): {LOGIN_HINT}"
+            )
+        if isinstance(cause, NotAllowed) or "NOT_ALLOWED" in reason:
+            return BrokerVhostMissing(
+                f"RabbitMQ at {where}: vhost not usable ({reason}): {VHOST_HINT}"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return BrokerTLSError(f"TLS with RabbitMQ at {where} failed ({reason}): {TLS_HINT}")
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return BrokerUnreachable(f"cannot reach RabbitMQ at {where} ({reason}): {BROKER_HINT}")
+
+
 def check_broker(url: str | None = None) -> None:
-    """Raise BrokerUnavailable, with a one-line how-to, if RabbitMQ can't be reached."""
-    from regions.errors import BrokerUnavailable
+    """Raise a BrokerUnavailable subclass, with advice that fits, if RabbitMQ can't be used."""
     from regions.tls import ssl_options
 
     url = url or broker_url()
@@ -154,7 +207,4 @@ def check_broker(url: str | None = None) -> None:
         with connect(url) as conn:
             conn.ensure_connection(max_retries=1, timeout=5)
     except Exception as exc:  # socket errors, auth errors, unknown vhost...
-        reason = str(exc) or type(exc).__name__
-        raise BrokerUnavailable(
-            f"cannot reach RabbitMQ at {redact(url)} ({reason}): {BROKER_HINT}"
-        ) from exc
+        raise classify_broker_error(url, exc) from exc

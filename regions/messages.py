@@ -221,6 +221,24 @@ class ExitReport(BaseModel):
     latency: float | None = None  # seconds the last verification took
 
 
+class RunReleased(_Message):
+    """A worker stopping mid-crawl hands its run back (a second SIGINT/SIGTERM).
+
+    Ingest moves the run from `running` back to `queued`, if this worker still
+    holds it, and republishes its job to the region's queue under the same run
+    id and attempt (a graceful hand-back is not a failed attempt). Items sent
+    before stay: the next attempt rewrites nothing (same run id).
+    """
+
+    kind: Literal["run_released"] = "run_released"
+    run_id: str
+    site: str
+    region: str
+    worker: str
+    released_at: AwareDatetime
+    reason: str = "worker stopping"
+
+
 class WorkerHeartbeat(_Message):
     """A regional worker saying it is alive (about every 10 s), and once more on shutdown."""
 
@@ -237,7 +255,7 @@ class WorkerHeartbeat(_Message):
 
 
 IngestMessage = Annotated[
-    RunQueued | RunStarted | ItemBatch | RunProgress | RunFinished | WorkerHeartbeat,
+    RunQueued | RunStarted | ItemBatch | RunProgress | RunFinished | RunReleased | WorkerHeartbeat,
     Field(discriminator="kind"),
 ]
 _ingest_adapter: TypeAdapter[IngestMessage] = TypeAdapter(IngestMessage)

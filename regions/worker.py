@@ -31,17 +31,20 @@ from pydantic import BaseModel
 
 from regions.app import CRAWL_TASK, make_app
 from regions.bus import connect, missing_topology, publish_ingest, redact, scrape_queue_name
-from regions.errors import BadSourceAddress, UnknownRegion
+from regions.errors import BadSourceAddress, CrawlAborted, RegionsError, UnknownRegion
 from regions.heartbeat import Heartbeat, worker_name
 from regions.messages import (
     EgressAttestation,
     ExitReport,
     Job,
     RunFinished,
+    RunProgress,
+    RunReleased,
     dump,
     expired_run,
     utcnow,
 )
+from regions.stopping import DEFAULT_STOP_TIMEOUT, StopControl
 
 log = logging.getLogger("geoscrape.worker")
 
@@ -65,6 +68,11 @@ def check_source_address(address: str) -> None:
             f"egress.source_address {address}: cannot send from it on this machine "
             f"({exc.strerror or exc}); give an address of one of its interfaces"
         ) from None
+
+
+class RunNotSucceeded(RegionsError):
+    """The crawl task's outcome for Celery when its run did not succeed (no traceback:
+    it is an expected outcome, recorded in the store)."""
 
 
 class DeliveryLost(RuntimeError):
@@ -110,7 +118,8 @@ def ack_delivery(task_id: str) -> None:
 
 class CrawlRunner(Protocol):
     """Runs one job to its end (scraper.runner.run_job), publishing every message
-    through `publish`; calls `on_started` once its run_started is confirmed."""
+    through `publish`; calls `on_started` once its run_started is confirmed;
+    raises CrawlAborted once `should_abort()` turns true."""
 
     def __call__(
         self,
@@ -121,6 +130,7 @@ class CrawlRunner(Protocol):
         on_started: Callable[[], None],
         egress: Any = None,
         attestation: EgressAttestation | None = None,
+        should_abort: Callable[[], bool] | None = None,
     ) -> RunFinished: ...
 
 
@@ -194,22 +204,27 @@ def worker_app(
     *,
     source_address: str | None = None,
     events: bool = False,
+    control: StopControl | None = None,
 ) -> Celery:
     """A Celery app whose only task crawls jobs of `region` with `run_job`, through its egress.
 
     `source_address`: the region's egress.source_address, which every crawl
     sends from. `events`: send Celery task events (Flower, `celery events`).
+
+    `control` (regions/stopping.py) aborts crawls on a second stop signal:
+    the run is then handed back (RunReleased) rather than finished.
     """
     app = make_app(url, regions=[region], declare=False)
     if events:
         app.conf.update(worker_send_task_events=True, task_send_sent_event=True)
     name = worker_name(region)
     app.steps["consumer"].add(egress_gate(egress, scrape_queue_name(region)))
+    stop = control or StopControl()
 
     # acks_late (app default) keeps the job unacked until the task acks it
     # itself at crawl start (ack_delivery); a wrong-region job can still be
     # rejected to scrape.dead before that.
-    @app.task(name=CRAWL_TASK, bind=True, Request=CrawlRequest)
+    @app.task(name=CRAWL_TASK, bind=True, Request=CrawlRequest, throws=(RunNotSucceeded,))
     def crawl(self: Any, job_body: dict[str, Any]) -> None:
         job = Job.model_validate(job_body)
         if job.region != region:
@@ -241,20 +256,41 @@ def worker_app(
             job.attempt,
             ", ".join(e.proxy for e in attestation.exits),
         )
+        # Imported here so `geoscrape worker --help` stays fast.
         with connect(app.conf.broker_url) as conn:
 
             def publish(message: BaseModel) -> None:
+                if isinstance(message, RunProgress):
+                    stop.progress(job.run_id, message.stats.pages)
                 publish_ingest(conn, dump(message))
 
             task_id = str(self.request.id)
-            finished = run_job(
-                job,
-                publish,
-                worker=name,
-                on_started=lambda: ack_delivery(task_id),
-                egress=child_egress,
-                attestation=attestation,
-            )
+            stop.started(job)
+            try:
+                finished = run_job(
+                    job,
+                    publish,
+                    worker=name,
+                    on_started=lambda: ack_delivery(task_id),
+                    egress=child_egress,
+                    attestation=attestation,
+                    should_abort=stop.abort.is_set,
+                )
+            except CrawlAborted as aborted:
+                publish(
+                    RunReleased(
+                        run_id=job.run_id,
+                        site=job.site,
+                        region=job.region,
+                        worker=name,
+                        released_at=utcnow(),
+                        reason=f"worker stopping after {aborted.pages} pages",
+                    )
+                )
+                log.warning("run %s: %s; handed back to %s", job.run_id, aborted, region)
+                return
+            finally:
+                stop.finished(job.run_id)
         log.info(
             "run %s: %s, %d pages, %d items",
             job.run_id,
@@ -262,6 +298,11 @@ def worker_app(
             finished.stats.pages,
             finished.stats.items,
         )
+        if finished.status != "succeeded":
+            # Celery's own state ("Task ... raised expected") says the run failed, too.
+            raise RunNotSucceeded(
+                f"run {job.run_id} {finished.status}: {finished.error or ''}"[:500]
+            )
 
     return app
 
@@ -275,14 +316,26 @@ def run_worker(
     url: str | None = None,
     source_address: str | None = None,
     events: bool = False,
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT,
 ) -> None:
     """Run a worker for `region` in the foreground until stopped (SIGTERM/SIGINT).
 
-    With a verified `egress`, every exit is verified before the first job.
+    With a verified `egress`, every exit is verified before the first job. The
+    first signal finishes the crawls in progress; a second one (or
+    `stop_timeout` seconds) hands them back (regions/stopping.py).
     """
     if source_address is not None:
         check_source_address(source_address)
-    app = worker_app(region, run_job, egress, url, source_address=source_address, events=events)
+    control = StopControl(stop_timeout).connect()
+    app = worker_app(
+        region,
+        run_job,
+        egress,
+        url,
+        source_address=source_address,
+        events=events,
+        control=control,
+    )
     wait_for_topology(app.conf.broker_url, region)
     heartbeat = Heartbeat(
         app.conf.broker_url, region, exits=egress.reports, egress=source_address
@@ -294,6 +347,7 @@ def run_worker(
     finally:
         egress.stop()
         heartbeat.stop()
+        control.disconnect()
 
 
 def wait_for_topology(url: str, region: str, *, interval: float = 2.0) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -299,6 +300,23 @@ class ExtractField(_Model):
         return self
 
 
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):(?!\d)")
+
+
+def check_start_url(url: str) -> None:
+    """ValueError for a start URL without a scheme (`127.0.0.1:8811/x`, `shop.test/x`)
+    or an http(s) URL without a host: caught at check time, where it would
+    otherwise fail only in the worker, with no fetch row. Other schemes
+    (file:, data:) are left to the crawl's SSRF guard, which refuses them."""
+    match = _SCHEME.match(url)
+    if match is None:
+        raise ValueError(
+            f"start URL {url!r} has no scheme: write it as 'http://{url}' (or https://)"
+        )
+    if match.group(1).lower() in ("http", "https") and not urlsplit(url).hostname:
+        raise ValueError(f"start URL {url!r} has no host")
+
+
 class Extract(_Model):
     pages: Regexes = []  # extract only from pages whose URL matches one (default: all)
     items: str | None = None  # CSS selector: one item per matched node
@@ -446,6 +464,9 @@ class Alerts(_Model):
 
 class Defaults(_Model):
     schedule: Schedule | None = None
+    # Manual crawls (`geoscrape crawl`): a job no worker started within this
+    # expires (RabbitMQ message TTL), as a scheduled one does at its next tick.
+    expires: Duration = Field(3600.0, gt=0)
     politeness: Politeness = Politeness()
     limits: Limits = Limits()
     # SSRF guard: loopback/private/link-local/metadata addresses are refused
@@ -509,6 +530,13 @@ class Site(_Model):
         if self.compare.samples > 1 and (self.engine != "requests" or self.spider is not None):
             raise ValueError("compare.samples > 1 needs engine 'requests' (for now)")
         return self
+
+    @field_validator("start_urls")
+    @classmethod
+    def _absolute_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            check_start_url(url)
+        return urls
 
     @field_validator("regions")
     @classmethod

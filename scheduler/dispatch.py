@@ -42,6 +42,11 @@ def plan_jobs(
         if region not in config.regions:
             declared = ", ".join(config.regions)
             raise DispatchError(f"region {region!r} is not declared (declared: {declared})")
+        if region not in site.regions:
+            raise DispatchError(
+                f"site {site_name!r} does not run in region {region!r} "
+                f"(its regions: {', '.join(site.regions)})"
+            )
     resolved = config.resolved_site(site_name)
     code: CodeRef | None = None
     if resolved.project is not None and resolved.project.startswith(DEPLOYED_PREFIX):

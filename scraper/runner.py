@@ -44,6 +44,7 @@ from regions.messages import (
 from scraper.batching import Batcher
 from scraper.code import CODE_PATH_ENV, CODE_TOKEN_ENV, CodeError
 from scraper.egress import EGRESS_ENV, ChildEgress
+from scraper.errors import CrawlAborted
 from scraper.protocol import Done, ProtocolError, StatsTracker, decode_event
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ EXIT_GRACE_SECONDS = 30.0  # after "done", how long the child may take to exit
 EVENT_QUEUE_MAX = 10_000  # protocol lines read ahead of publishing
 # The crawl stops itself at limits.max_duration; past this much more it is killed.
 DURATION_GRACE_SECONDS = 60.0
+ABORT_POLL_SECONDS = 0.2  # how soon should_abort() is seen
 
 _PR_SET_PDEATHSIG = 1
 _EOF = object()
@@ -203,6 +205,7 @@ def run_job(
     code: CodeSource | None = None,
     egress: ChildEgress | None = None,
     attestation: EgressAttestation | None = None,
+    should_abort: Callable[[], bool] | None = None,
 ) -> RunFinished:
     """Run one job in a crawl child, publishing its messages; returns the RunFinished.
 
@@ -218,6 +221,9 @@ def run_job(
     a bundle it cannot provide (CodeError) fails the run before any crawl.
     `egress`: the exits the crawl goes out through (scraper.egress), given to
     the child privately; `attestation`: what RunStarted records about them.
+    `should_abort` is polled a few times a second: once true, the crawl is
+    killed, the items so far are published and CrawlAborted is raised
+    instead of a RunFinished (the worker hands the job back).
     """
     clock = time.monotonic
     if timeout is None:
@@ -251,7 +257,7 @@ def run_job(
         job.run_id, job.site, job.region, max_entries=batch_items, max_seconds=batch_seconds
     )
     done: Done | None = None
-    timed_out = False
+    timed_out = aborted = False
     events: queue.Queue[object] = queue.Queue(maxsize=EVENT_QUEUE_MAX)
     stop_reading = threading.Event()
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
@@ -274,7 +280,13 @@ def run_job(
         next_progress = clock() + progress_seconds
         give_up_at = clock() + timeout if timeout is not None else None
         while True:
+            if should_abort is not None and done is None and should_abort():
+                aborted = True
+                _kill(proc)
+                break
             wake = min(t for t in (batcher.deadline(), next_progress, give_up_at) if t is not None)
+            if should_abort is not None:
+                wake = min(wake, clock() + ABORT_POLL_SECONDS)
             try:
                 line = events.get(timeout=max(0.0, wake - clock()))
             except queue.Empty:
@@ -303,7 +315,7 @@ def run_job(
                 give_up_at = None
                 _kill(proc)
         try:
-            returncode = proc.wait(timeout=EXIT_GRACE_SECONDS)
+            returncode = proc.wait(timeout=0 if aborted else EXIT_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
             log.warning("crawl child of run %s did not exit after its last event", job.run_id)
             _kill(proc)
@@ -318,6 +330,9 @@ def run_job(
 
     if (batch := batcher.flush()) is not None:
         publish(batch)
+    if aborted:
+        snapshot = stats.snapshot()
+        raise CrawlAborted(job.run_id, snapshot.pages, snapshot.items)
     status: str
     final_stats: RunStats
     if done is not None:

@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session
 
 from storage.models import fetches
 from storage.snapshots import RunRef, site_runs
+from storage.validate import check_region
 
 Verdict = Literal[
     "ok",
@@ -146,6 +147,18 @@ def classify(
         ] + [
             Evidence(url=o.url, status=None, final_url=None, error=o.error, why="network error")
             for o in errors[: max(0, MAX_EVIDENCE - len(refused))]
+        ]
+        # Other HTTP errors (404, 500...) are not refusals, but name their URLs too.
+        failed = [o for o in outs if o.status is not None and o.status >= 400 and not refusal(o)]
+        evidence += [
+            Evidence(
+                url=o.url,
+                status=o.status,
+                final_url=o.final_url,
+                error=o.error,
+                why=f"HTTP {o.status}",
+            )
+            for o in failed[: max(0, MAX_EVIDENCE - len(evidence))]
         ]
         verdict: Verdict
         signature: str | None = None
@@ -255,6 +268,7 @@ def access(
     `verified_only` leaves out runs whose egress was not verified.
     """
     all_runs = [r for r in site_runs(session, site) if r.verified or not verified_only]
+    check_region(session, region, site)
     by_round: dict[str, dict[str, RunRef]] = {}
     for ref in all_runs:  # oldest first: a later run of a region in a round wins
         by_round.setdefault(ref.round, {})[ref.region] = ref

@@ -6,8 +6,9 @@ Every list is paged with ``limit`` (1..1000) and ``offset`` and answers
 ``{"data": [...], "limit", "offset", "next_offset"}``; compare and changes
 page their rows the same way inside their result. Errors are JSON
 ``{"error": "message"}``: 400 for a bad filter, 401 without the token, 404
-for an unknown site or key. When GEOSCRAPE_API_TOKEN is set, every endpoint
-but /health, /code and the docs needs ``Authorization: Bearer <token>``.
+for an unknown site or key, 503 when the store is unavailable. When
+GEOSCRAPE_API_TOKEN is set, every endpoint but /health, /code and the docs
+needs ``Authorization: Bearer <token>``.
 
 ``GET /code/{sha256}`` serves deployed code bundles to regional workers
 (docs/PROJECTS.md): it needs ``X-Geoscrape-Region: <region>`` and that
@@ -34,13 +35,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from regions.messages import RunStatus
 from storage.access import AccessResult, access
+from storage.boundary import SchemaMissing, StoreUnavailable, guard_engine
 from storage.compare import CompareResult, compare
-from storage.errors import NotFoundError, QueryError, StorageError
+from storage.errors import NotFoundError, StorageError
 from storage.history import ChangesResult, HistoryResult, changes, history
 from storage.queries import ItemRow, RunRow, list_items_page, list_runs_page
+from storage.runinfo import FetchList, RunDetail, run_detail, run_fetches
 from storage.since import TIME_PATTERN, parse_since
+from storage.validate import check_region, check_run_filters, check_site
 
 TOKEN_ENV = "GEOSCRAPE_API_TOKEN"
 CODE_TOKEN_PREFIX = "GEOSCRAPE_CODE_TOKEN_"
@@ -49,7 +52,6 @@ MAX_LIMIT = 1000
 # Far past any real store, and small enough that offset + limit stays a 64-bit integer.
 MAX_OFFSET = 10**15
 MAX_FIELDS = 100  # `field` filters per request
-RUN_STATUSES = frozenset(RunStatus.__args__)  # type: ignore[attr-defined]
 
 T = TypeVar("T")
 
@@ -150,7 +152,8 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
 
     url = database_url or default_url()
     ensure_schema(url)
-    factory: sessionmaker[Session] = session_factory(make_engine(url))
+    # Database failures while serving become StoreUnavailable: a 503 naming the store.
+    factory: sessionmaker[Session] = session_factory(guard_engine(make_engine(url), url))
     secret = token if token is not None else os.environ.get(TOKEN_ENV) or None
 
     app = FastAPI(
@@ -158,7 +161,12 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         version="1",
         description="Read-only queries of the geoscrape store: runs, items, cross-region "
         "compare, access verdicts, history and changes.",
-        responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+        responses={
+            400: {"model": ErrorBody},
+            401: {"model": ErrorBody},
+            404: {"model": ErrorBody},
+            503: {"model": ErrorBody},
+        },
     )
 
     app.state.sessions = factory
@@ -186,6 +194,11 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
     @app.exception_handler(NotFoundError)
     async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=404)
+
+    @app.exception_handler(StoreUnavailable)
+    @app.exception_handler(SchemaMissing)
+    async def _store_down(_: Request, exc: StorageError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=503)
 
     @app.exception_handler(StorageError)
     async def _bad_query(_: Request, exc: StorageError) -> JSONResponse:
@@ -248,9 +261,7 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         offset: Offset = 0,
     ) -> dict[str, Any]:
         """Runs, newest first, filtered by site, region, status and time (queued/started)."""
-        if status is not None and status not in RUN_STATUSES:
-            known = ", ".join(sorted(RUN_STATUSES))
-            raise QueryError(f"status: {status!r} is not a run status (one of: {known})")
+        check_run_filters(db, site, region, status)
         rows = list_runs_page(
             db,
             site=site,
@@ -263,14 +274,28 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         )
         return _page(rows, limit, offset)
 
+    @app.get("/runs/{run_id}", dependencies=guarded, response_model=RunDetail)
+    def run_(db: Db, run_id: str) -> RunDetail:
+        """One run in full: complete error, stats, worker and egress, limits reached, config."""
+        return run_detail(db, run_id)
+
+    @app.get("/runs/{run_id}/fetches", dependencies=guarded, response_model=FetchList)
+    def fetches_(
+        db: Db,
+        run_id: str,
+        status: Annotated[str | None, Query(description="404, 4xx, 5xx...")] = None,
+        errors: Annotated[bool, Query(description="only failed fetches")] = False,
+    ) -> FetchList:
+        """The URLs the run fetched, with status, size and error."""
+        return run_fetches(db, run_id, status=status, errors=errors)
+
     @app.get("/sites/{site}/items", dependencies=guarded, response_model=Page[ItemRow])
     def items_(
         db: Db, site: str, region: str | None = None, limit: Limit = 100, offset: Offset = 0
     ) -> dict[str, Any]:
         """The latest data of every item of the site, by region then key."""
-        from storage.snapshots import require_site
-
-        require_site(db, site)  # on every page: an unknown site is 404 at any offset
+        check_site(db, site)  # on every page: an unknown site is 404 at any offset
+        check_region(db, region, site)
         rows = list_items_page(db, site, region=region, limit=limit + 1, offset=offset)
         return _page(rows, limit, offset)
 

@@ -48,6 +48,7 @@ from storage.snapshots import (
     stream_snapshot,
     tick_runs,
 )
+from storage.validate import check_fields
 
 NUMERIC_TYPES = frozenset({"price", "int", "float"})
 
@@ -60,6 +61,33 @@ class Spread(_Model):
     min: float
     max: float
     ratio: float | None  # max/min; None when min <= 0
+    currency: str | None = None  # the unit of these values (an item's `currency` field)
+
+
+# An item's field of this name gives the unit of its price fields: spreads are
+# computed only between regions that quote the same currency.
+CURRENCY_FIELD = "currency"
+
+
+def spreads_of(
+    values: dict[str, Any], currencies: dict[str, Any]
+) -> tuple[Spread | None, list[Spread]]:
+    """(spread over every region, []) when all regions share a unit (or none is
+    known); else (None, one spread per currency, sorted by currency)."""
+    groups: dict[str | None, list[float]] = {}
+    for region, value in values.items():
+        unit = currencies.get(region)
+        groups.setdefault(unit if isinstance(unit, str) else None, []).append(value)
+
+    def spread(numbers: list[float], unit: str | None) -> Spread:
+        low, high = min(numbers), max(numbers)
+        return Spread(min=low, max=high, ratio=round(high / low, 6) if low > 0 else None,
+                      currency=unit)  # fmt: skip
+
+    if len(groups) <= 1:
+        [(unit, numbers)] = groups.items() or [(None, [])]
+        return (spread(numbers, unit) if numbers else None), []
+    return None, [spread(groups[u], u) for u in sorted(groups, key=lambda u: u or "")]
 
 
 Verdict = Literal["same", "differs", "noisy", "missing"]
@@ -71,7 +99,9 @@ class CompareRow(_Model):
     values: dict[str, dict[str, Any]]  # field -> region -> value (None: missing)
     differs: list[str]  # fields whose values differ between the regions that have the key
     missing: list[str]  # regions that did not observe the key
-    spread: dict[str, Spread] = {}  # numeric fields with at least one value
+    spread: dict[str, Spread] = {}  # numeric fields with at least one value, one unit
+    # Numeric fields whose regions quote different currencies: one spread per currency.
+    spread_by_currency: dict[str, list[Spread]] = {}
     verdicts: dict[str, Verdict] = {}  # field -> same | differs | noisy | missing
     noisy: list[str] = []  # fields that vary inside at least one region
     # With samples > 1: field -> region -> every distinct value its samples saw.
@@ -219,13 +249,7 @@ class Comparison:
             self.settings = CompareSettings()
         self._extra = {region: extra_samples(session, ref.id) for region, ref in self.runs.items()}
         if fields:
-            known = list(declared) if declared else self._observed_fields()
-            unknown = [f for f in dict.fromkeys(fields) if f not in known]
-            if unknown:
-                raise QueryError(
-                    f"field: {', '.join(map(repr, unknown))} is not a field of site {site!r} "
-                    f"(fields: {', '.join(known) or 'none yet'})"
-                )
+            check_fields(site, fields, list(declared) if declared else self._observed_fields())
             self.fields = list(dict.fromkeys(fields))
         elif declared:
             self.fields = [f for f in declared if f != key_field]
@@ -275,6 +299,8 @@ class Comparison:
         spread: dict[str, Spread] = {}
         missing = [r for r in self.regions if r not in seen]
         extra = {r: self._extra.get(r, {}).get(key, []) for r in seen}
+        by_currency: dict[str, list[Spread]] = {}
+        currencies = {r: seen[r].get(CURRENCY_FIELD) for r in self.regions if r in seen}
         for field in self.fields:
             per_region = {r: (seen[r].get(field) if r in seen else None) for r in self.regions}
             values[field] = per_region
@@ -297,10 +323,16 @@ class Comparison:
                 if not all(_is_number(v) for v in numbers):
                     self._numeric_seen[field] = False
                 elif self.declared.get(field, "number") in NUMERIC_TYPES | {"number"}:
-                    low, high = min(numbers), max(numbers)
-                    spread[field] = Spread(
-                        min=low, max=high, ratio=round(high / low, 6) if low > 0 else None
-                    )
+                    present_values = {
+                        r: seen[r].get(field)
+                        for r in self.regions
+                        if r in seen and seen[r].get(field) is not None
+                    }
+                    one, several = spreads_of(present_values, currencies)
+                    if one is not None:
+                        spread[field] = one
+                    if several:
+                        by_currency[field] = several
         return CompareRow(
             key=key,
             values=values,
@@ -310,6 +342,7 @@ class Comparison:
             verdicts=verdicts,
             noisy=noisy,
             samples=sampled,
+            spread_by_currency=by_currency,
         )
 
     def _count(self, row: CompareRow) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, event
@@ -26,9 +27,36 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def store_home() -> Path:
+    """Where relative SQLite paths point: ``GEOSCRAPE_HOME``, else the directory of
+    the sites file (``GEOSCRAPE_CONFIG``), else the current directory."""
+    if home := os.environ.get("GEOSCRAPE_HOME"):
+        return Path(home).expanduser().resolve()
+    if config := os.environ.get("GEOSCRAPE_CONFIG"):
+        return Path(config).expanduser().resolve().parent
+    return Path.cwd()
+
+
+def absolute_sqlite(url: str, home: Path | None = None) -> str:
+    """``url`` with a relative SQLite path made absolute against `home` (store_home()).
+
+    So every command finds the same store whatever directory it runs from,
+    and messages name the file for real.
+    """
+    if not url.startswith("sqlite:///") or url.startswith("sqlite:////"):
+        return url
+    rest = url[len("sqlite:///") :]
+    path, sep, query = rest.partition("?")
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return url
+    return f"sqlite:///{(home or store_home()) / path}{sep}{query}"
+
+
 def database_url() -> str:
-    """The store's URL: ``GEOSCRAPE_DATABASE_URL``, else a SQLite file in the cwd."""
-    return normalize_url(os.environ.get("GEOSCRAPE_DATABASE_URL") or DEFAULT_DATABASE_URL)
+    """The store's URL: ``GEOSCRAPE_DATABASE_URL``, else ``sqlite:///geoscrape.db``;
+    a relative SQLite path is resolved against store_home()."""
+    url = os.environ.get("GEOSCRAPE_DATABASE_URL") or DEFAULT_DATABASE_URL
+    return absolute_sqlite(normalize_url(url))
 
 
 def backend_name(url: str) -> str:

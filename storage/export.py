@@ -17,7 +17,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator, Sequence
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -309,6 +312,41 @@ def _write_parquet(table: Table, path: Path) -> int:
 
 
 WRITERS = {"csv": _write_csv, "jsonl": _write_jsonl, "parquet": _write_parquet}
+SUFFIXES = {
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+STDOUT = Path("-")  # `-o -`: write to standard output
+
+
+def infer_format(path: Path, fmt: str | None = None) -> str:
+    """The format asked for, else the one the file name says (`.parquet`...), else csv."""
+    if fmt is not None:
+        return fmt
+    return SUFFIXES.get(Path(path).suffix.lower(), "csv")
+
+
+def _check_target(path: Path) -> None:
+    if path == STDOUT:
+        return
+    if path.is_dir():
+        raise QueryError(f"export: {path} is a directory, not a file")
+    if not path.parent.is_dir():
+        raise QueryError(f"export: directory {path.parent} does not exist")
+
+
+def _to_stdout(write: Callable[[Table, Path], int], table: Table) -> int:
+    """Write to a private temporary file, then copy it out: nothing half-written on error."""
+    with tempfile.TemporaryDirectory(prefix="geoscrape-export-") as tmp:
+        partial = Path(tmp) / "export"
+        count = write(table, partial)
+        with partial.open("rb") as fh:
+            shutil.copyfileobj(fh, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    return count
 
 
 def export(
@@ -323,11 +361,13 @@ def export(
     tick: str | None = None,
     only_diff: bool = False,
 ) -> int:
-    """Write the export to ``path`` (atomically); returns the number of rows."""
+    """Write the export to ``path`` (atomically; ``-``: standard output); returns the row count."""
     if kind not in KINDS:
         raise QueryError(f"export: unknown kind {kind!r} (one of: {', '.join(KINDS)})")
     if fmt not in FORMATS:
         raise QueryError(f"export: unknown format {fmt!r} (one of: {', '.join(FORMATS)})")
+    path = Path(path)
+    _check_target(path)
     if kind == "compare":
         if since is not None:
             raise QueryError("export: --since does not apply to a compare (use --tick)")
@@ -336,7 +376,8 @@ def export(
         table = items_table(session, site, region=region, since=since, fields=fields)
     else:
         table = observations_table(session, site, region=region, since=since, fields=fields)
-    path = Path(path)
+    if path == STDOUT:
+        return _to_stdout(WRITERS[fmt], table)
     partial = path.with_name(f".{path.name}.partial")
     try:
         count = WRITERS[fmt](table, partial)

@@ -38,7 +38,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from regions.bus import INGEST_QUEUE, connect, queue_depth
-from regions.messages import IngestMessage, MessageError, parse_ingest, utcnow
+from regions.messages import IngestMessage, Job, MessageError, RunReleased, parse_ingest, utcnow
 from storage.alerts import AlertSender
 from storage.db import make_engine, session_factory
 from storage.deadletter import (
@@ -49,7 +49,7 @@ from storage.deadletter import (
 )
 from storage.migrate import ensure_schema
 from storage.reaper import PublishJob, Reaper, lease_settings
-from storage.writer import apply_message, record_bad_message
+from storage.writer import apply_message, record_bad_message, release_run
 
 log = logging.getLogger("geoscrape.ingest")
 
@@ -279,10 +279,26 @@ class Ingest(ConsumerMixin):
             for d in group:
                 if d.parsed is not None and d.dead is not None:
                     apply_dead_letter(session, d.dead)
+                elif isinstance(d.parsed, RunReleased):
+                    self._release(session, d.parsed)
                 elif d.parsed is not None:
                     apply_message(session, d.parsed)
                 else:
                     record_bad_message(session, d.body_text, d.error or "", d.received_at)
+
+    def _release(self, session: Session, msg: RunReleased) -> None:
+        """Requeue a run its worker handed back; published inside the transaction,
+        so a failed publish rolls the release back (and the message is retried)."""
+        body = release_run(session, msg)
+        if body is None:
+            return
+        if self.reaper is None:
+            log.warning(
+                "run %s released by %s, but no publisher to requeue it", msg.run_id, msg.worker
+            )
+            return
+        self.reaper.publish(Job.model_validate(body))
+        log.info("run %s: handed back by %s (%s), requeued", msg.run_id, msg.worker, msg.reason)
 
     def _commit(self, group: list[_Delivery]) -> None:
         """Commit ``group`` then ack it; retry until done or stopping."""

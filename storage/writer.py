@@ -27,10 +27,10 @@ import base64
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
-from sqlalchemy import ColumnElement, Table, case, func, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Table, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -41,6 +41,7 @@ from regions.messages import (
     RunFinished,
     RunProgress,
     RunQueued,
+    RunReleased,
     RunStarted,
     ScrapedItem,
     WorkerHeartbeat,
@@ -493,6 +494,34 @@ def apply_message(session: Session, msg: IngestMessage) -> None:
         _apply_heartbeat(session, msg)
     else:  # pragma: no cover - parse_ingest only returns the kinds above
         raise TypeError(f"not an ingest message: {type(msg).__name__}")
+
+
+def release_run(session: Session, msg: RunReleased) -> dict[str, Any] | None:
+    """A worker handed its run back: `running` -> `queued`; returns the job to republish.
+
+    Only if the run is still running on that worker (a redelivered RunReleased,
+    or one arriving after another worker took the run, changes nothing and
+    returns None). The lease is renewed so the reaper leaves the run alone.
+    """
+    claim = cast(
+        CursorResult[Any],
+        session.execute(
+            update(runs)
+            .where(
+                runs.c.id == msg.run_id,
+                runs.c.status == "running",
+                runs.c.worker == msg.worker,
+                runs.c.job.is_not(None),
+            )
+            .values(status="queued", heartbeat_at=msg.released_at)
+        ),
+    )
+    if claim.rowcount != 1:
+        return None
+    job: dict[str, Any] | None = session.execute(
+        select(runs.c.job).where(runs.c.id == msg.run_id)
+    ).scalar_one()
+    return job
 
 
 def record_bad_message(session: Session, body: str, error: str, received_at: datetime) -> None:

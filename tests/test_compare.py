@@ -24,7 +24,8 @@ def row(key: str, name: dict[str, Any], price: dict[str, Any], differs: list[str
         "values": {"name": name, "price": price},
         "differs": differs,
         "missing": missing,
-        "spread": {"price": {"min": low, "max": high, "ratio": ratio}},
+        "spread": {"price": {"min": low, "max": high, "ratio": ratio, "currency": None}},
+        "spread_by_currency": {},
         # One sample per region: a field differs or not; no field is noisy.
         "verdicts": {
             f: "differs" if f in differs else "missing" if missing else "same"

@@ -46,7 +46,14 @@ REQUIRED_BY_COMMAND = {
     "broker": {"GEOSCRAPE_CONFIG", "GEOSCRAPE_BROKER_URL"},
 }
 TLS = {"GEOSCRAPE_BROKER_CA", "GEOSCRAPE_BROKER_CERT", "GEOSCRAPE_BROKER_KEY"}
-OPTIONAL = {"GEOSCRAPE_REDIS_PREFIX"}  # has a default that compose keeps
+OPTIONAL = {
+    "GEOSCRAPE_REDIS_PREFIX",  # has a default that compose keeps
+    # docs/OPERATIONS.md: where relative SQLite paths resolve, and logging
+    "GEOSCRAPE_HOME",
+    "GEOSCRAPE_LOG_LEVEL",
+    "GEOSCRAPE_LOG_FILE",
+    "GEOSCRAPE_LOG_FORMAT",
+}
 PREFIXES = {"GEOSCRAPE_BROKER_PASSWORD_"}  # + REGION: set for `broker provision`
 NOT_ENVIRONMENT = {"GEOSCRAPE_MAX_PAGES", "GEOSCRAPE_MAX_DEPTH"}  # Scrapy settings names
 

@@ -289,7 +289,10 @@ def test_missing_field_points_at_its_parent() -> None:
 
 
 def test_site_without_name_is_labelled_by_index() -> None:
-    text = BASE + "  - start_urls: [x]\n    regions: [eu]\n    extract: {fields: {t: {css: a}}}\n"
+    text = (
+        BASE
+        + "  - start_urls: ['http://x']\n    regions: [eu]\n    extract: {fields: {t: {css: a}}}\n"
+    )
     assert errors(text) == ["sites.yaml:13: site '#1': name: required, but missing"]
 
 
@@ -371,13 +374,13 @@ def test_duplicate_site_name_names_the_second_site() -> None:
 def test_env_variables_are_substituted() -> None:
     text = BASE.replace(
         '["https://shop.example/"]',
-        '["https://${SHOP_HOST}/", "https://${MIRROR:-mirror.example}/", "/a$${b}"]',
+        '["https://${SHOP_HOST}/", "https://${MIRROR:-mirror.example}/", "https://x.test/a$${b}"]',
     )
     config = load(text, env={"SHOP_HOST": "shop.test"})
     assert config.site("shop").start_urls == [
         "https://shop.test/",
         "https://mirror.example/",
-        "/a${b}",
+        "https://x.test/a${b}",
     ]
 
 

@@ -175,7 +175,8 @@ def item_rows(sessions: sessionmaker[Session], site: str = "shop") -> list[ItemR
 
 def test_database_url_from_env_and_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GEOSCRAPE_DATABASE_URL", raising=False)
-    assert database_url() == "sqlite:///geoscrape.db"
+    monkeypatch.setenv("GEOSCRAPE_HOME", "/srv/geo")  # relative SQLite paths resolve here
+    assert database_url() == "sqlite:////srv/geo/geoscrape.db"
     monkeypatch.setenv("GEOSCRAPE_DATABASE_URL", "postgresql://u:p@db:5432/geo")
     assert database_url() == "postgresql+psycopg://u:p@db:5432/geo"
     monkeypatch.setenv("GEOSCRAPE_DATABASE_URL", "postgres://u@db/geo")

@@ -1,0 +1,142 @@
+"""The full story of one run: `geoscrape runs show RUN`, `geoscrape fetches RUN`,
+`GET /runs/{id}` and `GET /runs/{id}/fetches` (same models, same errors).
+
+A run id may be given by a unique prefix, as `geoscrape dead requeue` takes it.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from storage.errors import NotFoundError, QueryError
+from storage.models import Run, Worker, fetches
+
+# "4xx", "5xx", "404", or "error" (no HTTP response at all).
+STATUS_FILTER = re.compile(r"^(?:[1-9]xx|[1-9][0-9]{2})$")
+LIMIT_NOTE = re.compile(r"limit reached: [^;\n]+")
+
+
+class RunDetail(BaseModel):
+    id: str
+    site: str
+    region: str
+    trigger: str
+    tick: str | None
+    status: str
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker: str | None
+    egress: str | None  # the worker's source address towards the broker, when known
+    attempts: int
+    stats: dict[str, Any]
+    error: str | None  # complete, never cut
+    limits_reached: list[str]
+    config: dict[str, Any] | None  # the resolved site config the job carried
+
+
+class FetchDetail(BaseModel):
+    url: str
+    status: int | None
+    bytes: int
+    error: str | None
+    final_url: str | None
+    fetched_at: datetime
+
+
+class FetchList(BaseModel):
+    run_id: str
+    site: str
+    region: str
+    fetches: list[FetchDetail]
+
+
+def find_run(session: Session, run_id: str) -> Run:
+    """The run with this id or unique id prefix; NotFoundError/QueryError otherwise."""
+    if not run_id:
+        raise QueryError("run: give a run id (or a unique prefix of one)")
+    exact = session.get(Run, run_id)
+    if exact is not None:
+        return exact
+    escaped = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    found = session.scalars(
+        select(Run).where(Run.id.like(f"{escaped}%", escape="\\")).limit(2)
+    ).all()
+    if not found:
+        raise NotFoundError(f"unknown run {run_id!r}")
+    if len(found) > 1:
+        raise QueryError(f"run {run_id!r}: more than one run starts with it, give more of the id")
+    return found[0]
+
+
+def run_detail(session: Session, run_id: str) -> RunDetail:
+    run = find_run(session, run_id)
+    egress = None
+    if run.worker:
+        egress = session.scalar(select(Worker.egress).where(Worker.name == run.worker))
+    return RunDetail(
+        id=run.id,
+        site=run.site,
+        region=run.region,
+        trigger=run.trigger,
+        tick=run.tick,
+        status=run.status,
+        queued_at=run.queued_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        worker=run.worker,
+        egress=egress,
+        attempts=run.attempts,
+        stats=run.stats or {},
+        error=run.error,
+        limits_reached=LIMIT_NOTE.findall(run.error or ""),
+        config=(run.job or {}).get("config"),
+    )
+
+
+def check_status_filter(status: str | None) -> None:
+    if status is not None and not STATUS_FILTER.match(status):
+        raise QueryError(f"status: {status!r} is not an HTTP status or class (e.g. 404, 4xx)")
+
+
+def run_fetches(
+    session: Session, run_id: str, *, status: str | None = None, errors: bool = False
+) -> FetchList:
+    """The run's fetches in order; `status` 404 or 4xx; `errors`: failed ones only
+    (no HTTP response, or a status of 400 and above)."""
+    check_status_filter(status)
+    run = find_run(session, run_id)
+    stmt = select(fetches).where(fetches.c.run_id == run.id)
+    if status is not None:
+        if status.endswith("xx"):
+            low = int(status[0]) * 100
+            stmt = stmt.where(fetches.c.status >= low, fetches.c.status < low + 100)
+        else:
+            stmt = stmt.where(fetches.c.status == int(status))
+    if errors:
+        stmt = stmt.where(
+            or_(fetches.c.status.is_(None), fetches.c.status >= 400, fetches.c.error.is_not(None))
+        )
+    rows = session.execute(stmt.order_by(fetches.c.fetched_at, fetches.c.id)).mappings()
+    return FetchList(
+        run_id=run.id,
+        site=run.site,
+        region=run.region,
+        fetches=[
+            FetchDetail(
+                url=r["url"],
+                status=r["status"],
+                bytes=r["bytes"],
+                error=r["error"],
+                final_url=r["final_url"],
+                fetched_at=r["fetched_at"],
+            )
+            for r in rows
+        ],
+    )
