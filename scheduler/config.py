@@ -38,118 +38,6 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
-
-
-def _check_proxy_url(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme not in PROXY_SCHEMES:
-        shown = f"{parts.scheme}:" if parts.scheme else "(none)"
-        raise ValueError(
-            f"proxy scheme {shown} is not one of {', '.join(PROXY_SCHEMES)} "
-            f"(in {redact_proxy(url)!r})"
-        )
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"bad port in proxy {redact_proxy(url)!r}") from None
-    if not parts.hostname or port is None:
-        raise ValueError(f"proxy {redact_proxy(url)!r} needs a host and a port")
-    return url
-
-
-def redact_proxy(url: str) -> str:
-    """A proxy URL without its password: safe for logs, messages, the store and the API."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}" if user else host))
-
-
-def _check_country(code: str) -> str:
-    import pycountry
-
-    if len(code) != 2 or pycountry.countries.get(alpha_2=code.upper()) is None:
-        raise ValueError(f"{code!r} is not an ISO 3166 alpha-2 country code (e.g. DE, US)")
-    return code.upper()
-
-
-ProxyUrl = Annotated[str, AfterValidator(_check_proxy_url)]
-CountryCode = Annotated[str, AfterValidator(_check_country)]
-
-
-class Verify(_Model):
-    """How a worker proves where its exits leave from (scraper/verify.py)."""
-
-    echo_url: str  # answers with the caller's address: plain text or JSON {"ip": ...}
-    country: CountryCode
-    networks: AllowNetworks = []  # optional: the exit address must be inside one
-    every: Duration = 600.0
-
-    @field_validator("echo_url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"echo_url must be an http(s) URL (got {url!r})")
-        return url
-
-    @field_validator("every")
-    @classmethod
-    def _positive(cls, every: float) -> float:
-        if every <= 0:
-            raise ValueError("'every' must be positive")
-        return every
-
-
-def _check_source_address(address: str) -> str:
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        raise ValueError(f"bad source address {address!r}: give an IPv4 or IPv6 address") from None
-    return address
-
-
-class Egress(_Model):
-    """Where a region's traffic leaves from: worker-local, never sent in a job."""
-
-    # The local address the crawl's connections come from (a machine with
-    # several public addresses; the demo gives each region its own 127.0.0.x).
-    source_address: Annotated[str, AfterValidator(_check_source_address)] | None = None
-    # None: the worker's own network (today's behaviour).
-    proxies: list[ProxyUrl] = []
-    # per-run: one exit for a whole crawl; per-request: rotate, and fail over.
-    rotate: Literal["per-run", "per-request"] = "per-run"
-    verify: Verify | None = None
-
-
-class Region(_Model):
-    """A region workers are pinned to, and how its traffic leaves (egress)."""
-
-    description: str | None = None
-    egress: Egress = Egress()
-
-
-def _check_geoip_database(path: str) -> str:
-    import maxminddb
-
-    try:
-        maxminddb.open_database(path).close()
-    except (OSError, ValueError) as exc:  # ValueError: maxminddb.InvalidDatabaseError
-        raise ValueError(f"cannot read geoip database {path!r}: {exc}") from None
-    return path
-
-
-class GeoIP(_Model):
-    # MaxMind DB files; with several, an exit must geolocate the same in all.
-    databases: list[Annotated[str, AfterValidator(_check_geoip_database)]] = Field(min_length=1)
-
-
 def _check_timezone(name: str) -> str:
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -264,6 +152,118 @@ def _check_allow_network(entry: str) -> str:
 # Validated per entry, so an error's location names the bad one.
 AllowHosts = list[Annotated[str, AfterValidator(_check_allow_host)]]
 AllowNetworks = list[Annotated[str, AfterValidator(_check_allow_network)]]
+
+
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+
+
+def _check_proxy_url(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in PROXY_SCHEMES:
+        shown = f"{parts.scheme}:" if parts.scheme else "(none)"
+        raise ValueError(
+            f"proxy scheme {shown} is not one of {', '.join(PROXY_SCHEMES)} "
+            f"(in {redact_proxy(url)!r})"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"bad port in proxy {redact_proxy(url)!r}") from None
+    if not parts.hostname or port is None:
+        raise ValueError(f"proxy {redact_proxy(url)!r} needs a host and a port")
+    return url
+
+
+def redact_proxy(url: str) -> str:
+    """A proxy URL without its password: safe for logs, messages, the store and the API."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}" if user else host))
+
+
+def _check_country(code: str) -> str:
+    import pycountry
+
+    if len(code) != 2 or pycountry.countries.get(alpha_2=code.upper()) is None:
+        raise ValueError(f"{code!r} is not an ISO 3166 alpha-2 country code (e.g. DE, US)")
+    return code.upper()
+
+
+ProxyUrl = Annotated[str, AfterValidator(_check_proxy_url)]
+CountryCode = Annotated[str, AfterValidator(_check_country)]
+
+
+class Verify(_Model):
+    """How a worker proves where its exits leave from (scraper/verify.py)."""
+
+    echo_url: str  # answers with the caller's address: plain text or JSON {"ip": ...}
+    country: CountryCode
+    networks: AllowNetworks = []  # optional: the exit address must be inside one
+    every: Duration = 600.0
+
+    @field_validator("echo_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"echo_url must be an http(s) URL (got {url!r})")
+        return url
+
+    @field_validator("every")
+    @classmethod
+    def _positive(cls, every: float) -> float:
+        if every <= 0:
+            raise ValueError("'every' must be positive")
+        return every
+
+
+def _check_source_address(address: str) -> str:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"bad source address {address!r}: give an IPv4 or IPv6 address") from None
+    return address
+
+
+class Egress(_Model):
+    """Where a region's traffic leaves from: worker-local, never sent in a job."""
+
+    # The local address the crawl's connections come from (a machine with
+    # several public addresses; the demo gives each region its own 127.0.0.x).
+    source_address: Annotated[str, AfterValidator(_check_source_address)] | None = None
+    # None: the worker's own network (today's behaviour).
+    proxies: list[ProxyUrl] = []
+    # per-run: one exit for a whole crawl; per-request: rotate, and fail over.
+    rotate: Literal["per-run", "per-request"] = "per-run"
+    verify: Verify | None = None
+
+
+class Region(_Model):
+    """A region workers are pinned to, and how its traffic leaves (egress)."""
+
+    description: str | None = None
+    egress: Egress = Egress()
+
+
+def _check_geoip_database(path: str) -> str:
+    import maxminddb
+
+    try:
+        maxminddb.open_database(path).close()
+    except (OSError, ValueError) as exc:  # ValueError: maxminddb.InvalidDatabaseError
+        raise ValueError(f"cannot read geoip database {path!r}: {exc}") from None
+    return path
+
+
+class GeoIP(_Model):
+    # MaxMind DB files; with several, an exit must geolocate the same in all.
+    databases: list[Annotated[str, AfterValidator(_check_geoip_database)]] = Field(min_length=1)
 
 
 def _check_regex(pattern: str) -> str:
