@@ -22,6 +22,7 @@ COPY scheduler ./scheduler
 COPY scraper ./scraper
 COPY storage ./storage
 COPY geoscrape ./geoscrape
+COPY dashboard ./dashboard
 RUN pip install ".[flower]"
 
 # The default sites file; compose mounts the real one over it.

@@ -168,7 +168,8 @@ class Beat:
                 self._fire_due()
             self.conn.heartbeat_check()
             self._last_error = ""
-        except (redis.RedisError, OSError, self.conn.connection_errors) as exc:
+        # Flattened: an except tuple nested in a tuple is a TypeError at match time.
+        except (redis.RedisError, OSError, *self.conn.connection_errors) as exc:
             text = f"{type(exc).__name__}: {exc}"
             if text != self._last_error:  # once per distinct error, not every loop
                 log.warning("beat %s: %s; retrying", self.name, text)

@@ -222,3 +222,12 @@ def test_the_images_entry_point_exists() -> None:
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     for package in include["packages"]["find"]["include"]:
         assert f"COPY {package.rstrip('*')} " in dockerfile, package
+
+
+def test_the_image_copies_every_package_the_project_installs() -> None:
+    """A package missing from the Dockerfile's COPY lines installs fine from a
+    checkout and fails only inside the image (`No module named ...`)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", (ROOT / "Dockerfile").read_text(), re.M))
+    assert packages <= copied, f"Dockerfile does not COPY: {sorted(packages - copied)}"
