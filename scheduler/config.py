@@ -22,9 +22,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from scheduler.units import parse_duration, parse_size
+from scheduler.units import parse_duration, parse_rate, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]  # seconds
+Rate = Annotated[float, BeforeValidator(parse_rate), Field(gt=0)]  # requests per second
+# What one shared rate budget covers (scraper/ratelimit.py): the registrable
+# domain, the exact host, or the domain per egress address.
+RateScope = Literal["domain", "host", "domain+exit"]
 Size = Annotated[int, BeforeValidator(parse_size)]  # bytes
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -88,6 +92,10 @@ class Politeness(_Model):
     concurrency: int = Field(8, ge=1, le=256)
     robots: Literal["obey", "ignore"] = "obey"
     user_agent: str = "geoscrape (+https://github.com/geoscrape/geoscrape)"
+    # Shared by every crawl of every worker and region (Redis): None = no shared cap.
+    rate: Rate | None = None
+    rate_scope: RateScope = "domain"
+    max_retry_after: Duration = 300.0  # the longest pause a 429/503 Retry-After may impose
 
 
 class Limits(_Model):
@@ -105,6 +113,9 @@ class PolitenessOverride(_Model):
     concurrency: int | None = Field(None, ge=1, le=256)
     robots: Literal["obey", "ignore"] | None = None
     user_agent: str | None = None
+    rate: Rate | None = None
+    rate_scope: RateScope | None = None
+    max_retry_after: Duration | None = None
 
 
 class LimitsOverride(_Model):

@@ -92,6 +92,9 @@ class StatsTracker:
     errors: int = 0
     bytes: int = 0
     status_codes: dict[str, int] = field(default_factory=dict)
+    rate_wait: float = 0.0
+    rate_pauses: int = 0
+    rate_strikes: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def add_fetch(self, fetch: Fetch) -> None:
@@ -117,6 +120,9 @@ class StatsTracker:
             bytes=self.bytes,
             duration=round(time.monotonic() - self.started, 3),
             status_codes=dict(sorted(self.status_codes.items())),
+            rate_wait=round(self.rate_wait, 3),
+            rate_pauses=self.rate_pauses,
+            rate_strikes=self.rate_strikes,
         )
 
 
@@ -135,6 +141,7 @@ class Recorder:
         self.duplicates = 0
         self.first_error: Fetch | None = None
         self.limits_hit: list[str] = []  # crawl-wide limits that cut the run short
+        self.notes: list[str] = []  # said in a successful run's note (e.g. lost shared budget)
         self._done = False
 
     def _write(self, line: str) -> None:
@@ -170,6 +177,19 @@ class Recorder:
             if what not in self.limits_hit:
                 self.limits_hit.append(what)
 
+    def note(self, text: str) -> None:
+        """Say something about a successful run in its note (kept as the run's error text)."""
+        with self._lock:
+            if text not in self.notes:
+                self.notes.append(text)
+
+    def rate_budget(self, waited: float, pauses: int, strikes: int) -> None:
+        """The shared rate budget's part of the stats (scraper.ratelimit.Budget)."""
+        with self._lock:
+            self.stats.rate_wait = waited
+            self.stats.rate_pauses = pauses
+            self.stats.rate_strikes = strikes
+
     def outcome(
         self, crash: str | None = None, note: str | None = None
     ) -> tuple[Status, str | None]:
@@ -181,9 +201,10 @@ class Recorder:
                 first = self.first_error
                 return "failed", f"{first.error} ({first.url})"
             return "failed", note or "no page was fetched"
+        said = list(self.notes)
         if self.limits_hit:  # a successful run that did not see everything says so
-            return "succeeded", "limit reached: " + "; ".join(self.limits_hit)
-        return "succeeded", None
+            said.insert(0, "limit reached: " + "; ".join(self.limits_hit))
+        return "succeeded", "; ".join(said) if said else None
 
     def done(self, status: Status, error: str | None) -> None:
         with self._lock:

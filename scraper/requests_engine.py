@@ -30,6 +30,7 @@ from scheduler.config import ResolvedSite
 from scraper.errors import ScraperError
 from scraper.extract import extract_items
 from scraper.protocol import Recorder
+from scraper.ratelimit import Budget, robots_rate
 from scraper.ssrf import REFUSED, Guard, SSRFRefused
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,10 @@ def short_error(exc: BaseException) -> str:
 class _Robots:
     """robots.txt per origin, fetched once, through the same session."""
 
-    def __init__(self, session: requests.Session, site: ResolvedSite) -> None:
+    def __init__(self, session: requests.Session, site: ResolvedSite, budget: Budget) -> None:
         self._session = session
         self._site = site
+        self._budget = budget
         self._parsers: dict[str, urllib.robotparser.RobotFileParser] = {}
         self.forbidden = 0
 
@@ -95,6 +97,7 @@ class _Robots:
 
     def _load(self, origin: str) -> urllib.robotparser.RobotFileParser:
         parser = urllib.robotparser.RobotFileParser(f"{origin}/robots.txt")
+        self._budget.wait(f"{origin}/robots.txt")
         try:
             response = self._session.get(
                 f"{origin}/robots.txt", timeout=self._site.limits.timeout, stream=True
@@ -110,6 +113,10 @@ class _Robots:
             parser.parse([])
         else:
             parser.parse(body.decode("utf-8", "replace").splitlines())
+            agent = self._site.politeness.user_agent
+            delay = parser.crawl_delay(agent)
+            rate = robots_rate(parser.request_rate(agent))
+            self._budget.set_robots(origin, float(delay) if delay else None, rate)
         return parser
 
 
@@ -182,7 +189,8 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
     session.headers["User-Agent"] = site.politeness.user_agent
     session.max_redirects = site.limits.max_redirects
     guard = Guard.for_site(site)
-    robots = _Robots(session, site) if site.politeness.robots == "obey" else None
+    budget = Budget(site)
+    robots = _Robots(session, site, budget) if site.politeness.robots == "obey" else None
     requested = 0
     give_up_at = time.monotonic() + site.limits.max_duration
     with session, guarded_connections(guard):
@@ -207,7 +215,10 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
             if requested and site.politeness.delay > 0:
                 time.sleep(site.politeness.delay)
             requested += 1
-            _fetch_one(session, site, url, recorder)
+            _fetch_one(session, site, url, recorder, budget)
+    recorder.rate_budget(budget.waited, budget.pauses, budget.strikes)
+    if budget.note is not None:
+        recorder.note(budget.note)
     if robots is not None and robots.forbidden and recorder.stats.pages == 0:
         return f"no page was fetched ({robots.forbidden} URL(s) forbidden by robots.txt)"
     return None
@@ -227,10 +238,28 @@ def _get(
     raise requests.TooManyRedirects(f"more than {site.limits.max_redirects} redirects")
 
 
-def _fetch_one(session: requests.Session, site: ResolvedSite, url: str, recorder: Recorder) -> None:
+def _get_within_budget(
+    session: requests.Session, site: ResolvedSite, url: str, budget: Budget
+) -> requests.Response:
+    """GET `url` when the shared budget allows; once more after a 429/503 pause."""
+    guard = Guard.for_site(site)
+    for attempt in (1, 2):
+        budget.wait(url)
+        response = _get(session, site, url, guard)
+        paused = budget.observe(url, response.status_code, response.headers.get("Retry-After"))
+        if attempt == 2 or not (paused or (budget.active and response.status_code == 429)):
+            return response
+        log.info("%s answered %d: again after the pause", url, response.status_code)
+        response.close()
+    raise AssertionError("unreachable")
+
+
+def _fetch_one(
+    session: requests.Session, site: ResolvedSite, url: str, recorder: Recorder, budget: Budget
+) -> None:
     assert site.extract is not None
     try:
-        response = _get(session, site, url, Guard.for_site(site))
+        response = _get_within_budget(session, site, url, budget)
         body = _read_capped(response, site.limits.max_bytes, site.limits.timeout)
     except (requests.RequestException, ScraperError) as exc:
         log.warning("fetch failed: %s: %s", url, exc)

@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 
 import scrapy
 from itemadapter import ItemAdapter
+from protego import Protego
 from scrapy import signals
 from scrapy.crawler import Crawler, CrawlerProcess
 from scrapy.exceptions import (
@@ -37,9 +39,10 @@ from scrapy.exceptions import (
 from scrapy.http import Request, Response, TextResponse
 from scrapy.linkextractors import LinkExtractor
 from scrapy.resolver import CachingHostnameResolver
-from scrapy.utils.defer import deferred_from_coro
+from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHostResolution, IResolutionReceiver
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -48,6 +51,7 @@ from scheduler.config import ResolvedSite
 from scraper.errors import ScraperError
 from scraper.extract import extract_items
 from scraper.protocol import Recorder
+from scraper.ratelimit import Budget, robots_rate, scope_of
 from scraper.ssrf import Guard, SSRFRefused
 
 log = logging.getLogger(__name__)
@@ -57,13 +61,15 @@ TOO_MANY_REDIRECTS = "Too many redirects"
 _MIDDLEWARE = "scraper.scrapy_engine.FetchRecorderMiddleware"
 _GUARD_MIDDLEWARE = "scraper.scrapy_engine.SSRFGuardMiddleware"
 _RESOLVER = "scraper.scrapy_engine.GuardedResolver"
+_BUDGET_MIDDLEWARE = "scraper.scrapy_engine.RateBudgetMiddleware"
 
 
-# The run's recorder and SSRF guard, for the middlewares and the resolver (Scrapy
-# deep-copies settings, so they cannot travel there). One crawl per process, so
-# one global each is enough.
+# The run's recorder, SSRF guard and rate budget, for the middlewares and the
+# resolver (Scrapy deep-copies settings, so they cannot travel there). One
+# crawl per process, so one global each is enough.
 _recorder: Recorder | None = None
 _guard: Guard | None = None
+_budget: Budget | None = None
 
 
 class GuardRefused(IgnoreRequest):
@@ -104,7 +110,9 @@ def settings_for(site: ResolvedSite) -> dict[str, Any]:
         "RETRY_TIMES": 1,
         "LOG_LEVEL": "INFO",
         "LOG_STDOUT": False,
-        "DOWNLOADER_MIDDLEWARES": {_MIDDLEWARE: 50, _GUARD_MIDDLEWARE: 60},
+        # The budget sits next to the downloader (after the robots.txt check,
+        # retries, redirects and the cache), so it counts what goes on the wire.
+        "DOWNLOADER_MIDDLEWARES": {_MIDDLEWARE: 50, _GUARD_MIDDLEWARE: 60, _BUDGET_MIDDLEWARE: 950},
         "GEOSCRAPE_MAX_PAGES": limits.max_pages,
         "GEOSCRAPE_MAX_DEPTH": depth,
     }
@@ -235,6 +243,60 @@ class SSRFGuardMiddleware:
             log.warning("%s: %s", request.url, exc)
             raise GuardRefused(str(exc)) from None
         return None
+
+
+class RateBudgetMiddleware:
+    """Holds each download until the shared rate budget lets it go (scraper.ratelimit).
+
+    Asks are serialised per scope, so this crawl waits for one slot at a time
+    and the slots go round-robin between the crawls that share the budget.
+    Reads robots.txt `Crawl-delay`/`Request-rate` from the robots response
+    itself, and turns 429/503 + Retry-After into a pause for every worker.
+    """
+
+    def __init__(self, budget: Budget, user_agent: str) -> None:
+        self.budget = budget
+        self.user_agent = user_agent
+        self._locks: dict[str, defer.DeferredLock] = {}
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> RateBudgetMiddleware:
+        if _budget is None:
+            raise ScraperError("RateBudgetMiddleware runs only inside scrapy_engine.run()")
+        return cls(_budget, crawler.settings.get("USER_AGENT"))
+
+    async def process_request(self, request: Request) -> None:
+        if self.budget.interval_for(request.url) <= 0:
+            return None
+        scope = scope_of(request.url, self.budget.scope)
+        lock = self._locks.setdefault(scope, defer.DeferredLock())
+        await maybe_deferred_to_future(lock.acquire())
+        started = time.monotonic()
+        try:
+            while (delay := self.budget.try_acquire(request.url)) > 0:
+                await maybe_deferred_to_future(sleep_deferred(delay))
+        finally:
+            self.budget.add_wait(time.monotonic() - started)
+            lock.release()
+        return None
+
+    def process_response(self, request: Request, response: Response) -> Response:
+        if _is_robots_request(request) and 200 <= response.status < 300:
+            robots = Protego.parse(response.body.decode("utf-8", "replace"))
+            delay = robots.crawl_delay(self.user_agent)
+            rate = robots_rate(robots.request_rate(self.user_agent))
+            self.budget.set_robots(request.url, float(delay) if delay else None, rate)
+        retry_after = response.headers.get(b"Retry-After")
+        self.budget.observe(
+            request.url, response.status, retry_after.decode("latin-1") if retry_after else None
+        )
+        return response
+
+
+def sleep_deferred(seconds: float) -> defer.Deferred[None]:
+    from twisted.internet import reactor
+
+    return deferLater(reactor, seconds, lambda: None)
 
 
 @implementer(IResolutionReceiver)
@@ -374,7 +436,7 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
 
     Returns a note explaining an empty run, or None; raises CrawlCrashed.
     """
-    global _recorder, _guard
+    global _recorder, _guard, _budget
     spider_cls: type[scrapy.Spider] = SiteSpider
     spider_kwargs: dict[str, Any] = {"site": site}
     if site.spider is not None:
@@ -383,6 +445,7 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
 
     _recorder = recorder
     _guard = Guard.for_site(site)
+    _budget = budget = Budget(site)
     logging.root.handlers.clear()  # Scrapy installs its own stderr handler (LOG_LEVEL)
     process = CrawlerProcess(settings_for(site))
     crawler = process.create_crawler(spider_cls)
@@ -415,6 +478,9 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
 
     if recorder.duplicates:
         log.info("%d item(s) with an already seen key dropped", recorder.duplicates)
+    recorder.rate_budget(budget.waited, budget.pauses, budget.strikes)
+    if budget.note is not None:
+        recorder.note(budget.note)
     spider = crawler.spider
     if isinstance(spider, SiteSpider) and spider.links_dropped:
         recorder.limit(f"max_links ({spider.max_links}/page, {spider.links_dropped} not followed)")
