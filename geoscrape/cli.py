@@ -85,6 +85,10 @@ def crawl(
     ] = None,
     wait: Annotated[bool, typer.Option(help="Show progress until the runs finish.")] = False,
     timeout: Annotated[float, typer.Option(help="Give up waiting after this many s.")] = 3600,
+    distributed: Annotated[
+        bool,
+        typer.Option(help="One run per region shared by its free workers (docs/SCALE.md)."),
+    ] = False,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
     """Dispatch one crawl of SITE per region now."""
@@ -92,7 +96,7 @@ def crawl(
     from scheduler.dispatch import plan_jobs, publish_jobs
     from scheduler.loader import load_config
 
-    jobs = plan_jobs(load_config(config), site, region)
+    jobs = plan_jobs(load_config(config), site, region, distributed=distributed)
     check_broker()
     publish_jobs(jobs)
     for job in jobs:

@@ -121,7 +121,10 @@ def worker_app(region: str, url: str | None = None) -> Celery:
                 publish_ingest(conn, dump(message))
 
             task_id = str(self.request.id)
-            finished = run_job(job, publish, worker=name, on_started=lambda: ack_delivery(task_id))
+            with _busy:
+                finished = run_job(
+                    job, publish, worker=name, on_started=lambda: ack_delivery(task_id)
+                )
         log.info(
             "run %s: %s, %d pages, %d items",
             job.run_id,
@@ -133,14 +136,55 @@ def worker_app(region: str, url: str | None = None) -> Celery:
     return app
 
 
+class _Busy:
+    """How many crawls of its own this worker process runs right now."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.crawls = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.crawls += 1
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self.crawls -= 1
+
+
+_busy = _Busy()  # one worker per process
+
+
+def participate(job: Job, url: str, region: str) -> None:
+    """Take part in another worker's distributed run until it closes (scraper/distributed.py)."""
+    from scraper.runner import run_job
+
+    with connect(url) as conn:
+
+        def publish(message: BaseModel) -> None:
+            publish_ingest(conn, dump(message))
+
+        finished = run_job(job, publish, worker=worker_name(region), participant=True)
+    log.info("run %s: took part, %d pages", job.run_id, finished.stats.pages)
+
+
 def run_worker(region: str, *, concurrency: int = 1, url: str | None = None) -> None:
     """Run a worker for `region` in the foreground until stopped (SIGTERM/SIGINT)."""
+    from scraper.distributed import Joiner
+
     app = worker_app(region, url)
     wait_for_topology(app.conf.broker_url, region)
     heartbeat = Heartbeat(app.conf.broker_url, region).start()
+    broker = app.conf.broker_url
+    joiner = Joiner(
+        region,
+        is_free=lambda: _busy.crawls == 0,
+        participate=lambda job: participate(job, broker, region),
+    ).start()
     try:
         _worker_main(app, region, concurrency)
     finally:
+        joiner.stop()
         heartbeat.stop()
 
 

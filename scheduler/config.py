@@ -240,6 +240,8 @@ class Site(_Model):
     limits: LimitsOverride = LimitsOverride()
     allow_hosts: AllowHosts = []  # added to defaults.allow_hosts
     allow_networks: AllowNetworks = []  # added to defaults.allow_networks
+    # One run shared by the region's free workers, its frontier in Redis (scraper/frontier.py).
+    distributed: bool = False
 
     @model_validator(mode="after")
     def _runnable(self) -> Site:
@@ -252,6 +254,8 @@ class Site(_Model):
             raise ValueError("'spider' must look like 'package.module:SpiderClass'")
         if self.engine == "requests" and self.follow is not None:
             raise ValueError("engine 'requests' fetches the listed URLs only; drop 'follow'")
+        if self.distributed and (self.engine != "scrapy" or self.spider is not None):
+            raise ValueError("'distributed' needs engine 'scrapy' with the generic spider")
         return self
 
     @field_validator("regions")
@@ -277,6 +281,7 @@ class ResolvedSite(_Model):
     # Defaults for jobs dispatched before the SSRF guard existed.
     allow_hosts: list[str] = []
     allow_networks: list[str] = []
+    distributed: bool = False
 
 
 def _check_region_name(name: str) -> str:
@@ -340,6 +345,7 @@ class Config(_Model):
             limits=limits,
             allow_hosts=_union(self.defaults.allow_hosts, site.allow_hosts),
             allow_networks=_union(self.defaults.allow_networks, site.allow_networks),
+            distributed=site.distributed,
         )
 
 

@@ -26,8 +26,13 @@ def plan_jobs(
     *,
     trigger: str = "manual",
     tick: str | None = None,
+    distributed: bool = False,
 ) -> list[Job]:
-    """The jobs a dispatch would publish: one per region, each with a fresh run id."""
+    """The jobs a dispatch would publish: one per region, each with a fresh run id.
+
+    `distributed` runs the site as one run per region shared by that region's
+    workers (scraper/frontier.py), as `distributed: true` in sites.yaml would.
+    """
     try:
         site = config.site(site_name)
     except KeyError as exc:
@@ -37,7 +42,14 @@ def plan_jobs(
         if region not in config.regions:
             declared = ", ".join(config.regions)
             raise DispatchError(f"region {region!r} is not declared (declared: {declared})")
-    snapshot = config.resolved_site(site_name).model_dump(mode="json")
+    resolved = config.resolved_site(site_name)
+    if distributed and not resolved.distributed:
+        if site.engine != "scrapy" or site.spider is not None:
+            raise DispatchError(
+                f"site {site_name!r}: --distributed needs engine 'scrapy' with the generic spider"
+            )
+        resolved = resolved.model_copy(update={"distributed": True})
+    snapshot = resolved.model_dump(mode="json")
     now = utcnow()
     return [
         Job(

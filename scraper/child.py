@@ -46,7 +46,12 @@ def run_job(job: Job, recorder: Recorder) -> None:
             from scraper import requests_engine as engine
         else:
             from scraper import scrapy_engine as engine  # type: ignore[no-redef]
-        note = engine.run(site, recorder)
+        if site.distributed:  # one run over several workers (scraper/frontier.py)
+            from scraper import scrapy_engine
+
+            note = scrapy_engine.run(site, recorder, run_id=job.run_id)
+        else:
+            note = engine.run(site, recorder)
         status, error = recorder.outcome(note=note)
     except Exception as exc:
         log.exception("run %s crashed", job.run_id)

@@ -6,8 +6,12 @@ child points fd 1 at stderr so nothing else can write there):
 
     {"event": "item",  "item":  {ScrapedItem}}
     {"event": "fetch", "fetch": {Fetch}}
+    {"event": "release", "entry": str}   # distributed runs: a page is handled
     {"event": "done",  "status": "succeeded" | "failed", "error": str | null,
                        "stats": {RunStats}}            # exactly one, last
+
+`release` (scraper/frontier.py) comes after the page's fetch and items: the
+parent ends the page's lease once those are published.
 
 This module is shared by both sides and must not import Scrapy or Twisted.
 """
@@ -28,6 +32,7 @@ Status = Literal["succeeded", "failed"]
 
 ITEM = "item"
 FETCH = "fetch"
+RELEASE = "release"
 DONE = "done"
 
 
@@ -42,7 +47,14 @@ class Done:
     stats: RunStats
 
 
-Event = ScrapedItem | Fetch | Done
+@dataclass(frozen=True)
+class Release:
+    """A distributed run's page is handled: its lease may end once its items are out."""
+
+    entry: str
+
+
+Event = ScrapedItem | Fetch | Release | Done
 
 
 def encode_item(item: ScrapedItem) -> str:
@@ -68,6 +80,8 @@ def decode_event(line: str | bytes) -> Event:
             return ScrapedItem.model_validate(body["item"])
         if kind == FETCH:
             return Fetch.model_validate(body["fetch"])
+        if kind == RELEASE:
+            return Release(str(body["entry"]))
         if kind == DONE:
             status = body["status"]
             if status not in ("succeeded", "failed"):
@@ -166,6 +180,11 @@ class Recorder:
             self._write(encode_item(item))
             return True
 
+    def release(self, entry: str) -> None:
+        """A frontier entry is handled (after its fetch and items were written)."""
+        with self._lock:
+            self._write(json.dumps({"event": RELEASE, "entry": entry}))
+
     def error(self) -> None:
         """Count an error that is not a fetch (an exception in a spider callback)."""
         with self._lock:
@@ -227,4 +246,6 @@ def payload(event: Event) -> dict[str, Any]:
         return json.loads(encode_item(event))
     if isinstance(event, Fetch):
         return json.loads(encode_fetch(event))
+    if isinstance(event, Release):
+        return {"event": RELEASE, "entry": event.entry}
     return json.loads(encode_done(event.status, event.error, event.stats))

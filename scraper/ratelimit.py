@@ -213,6 +213,8 @@ class Budget:
                 self._robots_interval[key] = max(interval, self._robots_interval.get(key, 0.0))
 
     def interval_for(self, url: str) -> float:
+        if not self.rate and not self._robots_interval:
+            return 0.0  # no scope lookup (the suffix list loads on first use)
         key = scope_of(url, self.scope)
         base = 1.0 / (self.rate * HEADROOM) if self.rate else 0.0
         return max(base, self._robots_interval.get(key, 0.0))
@@ -239,10 +241,10 @@ class Budget:
 
     def wait(self, url: str, sleep: Callable[[float], None] = time.sleep) -> float:
         """Block until a request to `url` may go; returns the seconds waited."""
-        started = self._clock()
+        started, waited = self._clock(), 0.0
         while (delay := self.try_acquire(url)) > 0:
             sleep(delay)
-        waited = self._clock() - started
+            waited = self._clock() - started
         self.add_wait(waited)
         return waited
 

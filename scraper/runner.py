@@ -40,7 +40,8 @@ from regions.messages import (
     utcnow,
 )
 from scraper.batching import Batcher
-from scraper.protocol import Done, ProtocolError, StatsTracker, decode_event
+from scraper.distributed import RunBoard, is_distributed
+from scraper.protocol import Done, ProtocolError, Release, StatsTracker, decode_event
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ def run_job(
     progress_seconds: float = 1.0,
     timeout: float | None = None,
     on_started: Callable[[], None] | None = None,
+    participant: bool = False,
 ) -> RunFinished:
     """Run one job in a crawl child, publishing its messages; returns the RunFinished.
 
@@ -193,22 +195,35 @@ def run_job(
     exception from `publish` kills the child and propagates. `on_started` is
     called once RunStarted is published, before the crawl process starts (the
     worker acks the job there: from then on the run's lease covers it).
+
+    A `distributed` site's job runs as the run's owner, or with `participant`
+    as a helper that publishes only ItemBatches and reports its stats to the
+    owner through Redis; its RunFinished is returned, not published
+    (scraper/distributed.py).
     """
     clock = time.monotonic
     if timeout is None:
         max_duration = job.config.get("limits", {}).get("max_duration")
         if isinstance(max_duration, int | float):
             timeout = float(max_duration) + DURATION_GRACE_SECONDS
-    publish(
-        RunStarted(
-            run_id=job.run_id,
-            site=job.site,
-            region=job.region,
-            worker=worker,
-            started_at=utcnow(),
-            attempt=job.attempt,
+    board = RunBoard(job, worker) if is_distributed(job) else None
+    if participant:
+        if board is None:
+            raise ValueError(f"run {job.run_id} is not distributed: nothing to take part in")
+        board.join()
+    else:
+        publish(
+            RunStarted(
+                run_id=job.run_id,
+                site=job.site,
+                region=job.region,
+                worker=worker,
+                started_at=utcnow(),
+                attempt=job.attempt,
+            )
         )
-    )
+        if board is not None:
+            board.open()
     if on_started is not None:
         on_started()
     stats = StatsTracker()
@@ -220,6 +235,18 @@ def run_job(
     events: queue.Queue[object] = queue.Queue(maxsize=EVENT_QUEUE_MAX)
     stop_reading = threading.Event()
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+
+    # Distributed runs: pages the child released, acked once their items are out.
+    releases: list[str] = []
+
+    def ack_releases() -> None:
+        if releases and board is not None:
+            board.release(releases)
+        releases.clear()
+
+    def send(batch: BaseModel) -> None:
+        publish(batch)
+        ack_releases()
 
     proc = spawn_child()
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
@@ -247,20 +274,25 @@ def run_job(
             if line is _EOF:
                 break
             if isinstance(line, bytes):
-                done = _handle(line, batcher, stats, publish, done, job.run_id) or done
+                done = _handle(line, batcher, stats, send, done, job.run_id, releases) or done
             if (batch := batcher.poll()) is not None:
-                publish(batch)
+                send(batch)
+            if releases and not len(batcher):  # all they wrote before is out
+                ack_releases()
             now = clock()
             if now >= next_progress:
-                publish(
-                    RunProgress(
-                        run_id=job.run_id,
-                        site=job.site,
-                        region=job.region,
-                        stats=stats.snapshot(),
-                        sent_at=utcnow(),
+                if not participant:
+                    publish(
+                        RunProgress(
+                            run_id=job.run_id,
+                            site=job.site,
+                            region=job.region,
+                            stats=stats.snapshot(),
+                            sent_at=utcnow(),
+                        )
                     )
-                )
+                if board is not None:
+                    board.alive()
                 next_progress = now + progress_seconds
             if give_up_at is not None and now >= give_up_at and done is None:
                 log.warning("run %s timed out after %ss: killing the crawl", job.run_id, timeout)
@@ -282,7 +314,8 @@ def run_job(
                 stream.close()
 
     if (batch := batcher.flush()) is not None:
-        publish(batch)
+        send(batch)
+    ack_releases()
     status: str
     final_stats: RunStats
     if done is not None:
@@ -293,6 +326,14 @@ def run_job(
             error = f"crawl timed out after {timeout}s"
         else:
             error = _death_message(returncode, tail)
+    if board is not None and participant:
+        board.report(final_stats)
+    elif board is not None:
+        board.close()
+        final_stats = board.total(final_stats)
+        board.cleanup()
+        if done is not None and final_stats.pages > 0:
+            status = "succeeded"  # the pages may all have gone to other workers
     finished = RunFinished(
         run_id=job.run_id,
         site=job.site,
@@ -302,7 +343,8 @@ def run_job(
         stats=final_stats,
         error=error,
     )
-    publish(finished)
+    if not participant:
+        publish(finished)
     return finished
 
 
@@ -313,8 +355,13 @@ def _handle(
     publish: Publish,
     done: Done | None,
     run_id: str,
+    releases: list[str],
 ) -> Done | None:
-    """Apply one protocol line; returns the Done event when this line is it."""
+    """Apply one protocol line; returns the Done event when this line is it.
+
+    A Release is queued in `releases`, acked once everything the child wrote
+    before it is published.
+    """
     try:
         event = decode_event(line)
     except ProtocolError as exc:
@@ -330,6 +377,8 @@ def _handle(
     elif isinstance(event, Fetch):
         stats.add_fetch(event)
         batch = batcher.add_fetch(event)
+    elif isinstance(event, Release):
+        releases.append(event.entry)
     else:
         return event
     if batch is not None:

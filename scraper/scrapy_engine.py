@@ -50,6 +50,7 @@ from regions.messages import Fetch, ScrapedItem
 from scheduler.config import ResolvedSite
 from scraper.errors import ScraperError
 from scraper.extract import extract_items
+from scraper.frontier import Frontier
 from scraper.protocol import Recorder
 from scraper.ratelimit import Budget, robots_rate, scope_of
 from scraper.ssrf import Guard, SSRFRefused
@@ -70,6 +71,7 @@ _BUDGET_MIDDLEWARE = "scraper.scrapy_engine.RateBudgetMiddleware"
 _recorder: Recorder | None = None
 _guard: Guard | None = None
 _budget: Budget | None = None
+_shared_pages: Frontier | None = None  # the run's frontier, in a distributed run
 
 
 class GuardRefused(IgnoreRequest):
@@ -166,13 +168,16 @@ class FetchRecorderMiddleware:
         self.max_depth: int = crawler.settings.getint("GEOSCRAPE_MAX_DEPTH")
         self.responses = 0
         self._closing = False
+        # A distributed run counts max_pages over all its workers (scraper/frontier.py).
+        self.shared = _shared_pages
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> FetchRecorderMiddleware:
         return cls(crawler)
 
     def _limit_reached(self) -> bool:
-        return self.responses >= self.max_pages
+        pages = self.shared.pages() if self.shared is not None else self.responses
+        return pages >= self.max_pages
 
     def _close(self) -> None:
         if not self._closing and self.crawler.engine is not None:
@@ -197,6 +202,8 @@ class FetchRecorderMiddleware:
         if self._limit_reached():
             raise IgnoreRequest("max_pages reached")
         self.responses += 1
+        if self.shared is not None:
+            self.shared.count_page()
         origin = (request.meta.get("redirect_urls") or [request.url])[0]
         self.recorder.fetch(
             Fetch(
@@ -431,12 +438,28 @@ class CrawlCrashed(ScraperError):
     """The Scrapy crawl itself failed (not a page: the engine or the spider setup)."""
 
 
-def run(site: ResolvedSite, recorder: Recorder) -> str | None:
+def _distribute(site: ResolvedSite, run_id: str, settings: dict[str, Any]) -> type[SiteSpider]:
+    """Point the crawl at the run's Redis frontier; returns the spider class to run."""
+    global _shared_pages
+    from scraper import scrapy_frontier
+
+    frontier = Frontier(run_id)
+    scrapy_frontier.current = _shared_pages = frontier
+    scrapy_frontier._recorder = _recorder
+    scrapy_frontier.poll_often()
+    settings["SCHEDULER"] = "scraper.scrapy_frontier.FrontierScheduler"
+    # max_duration holds for the run: a worker that joins late gets what is left.
+    left = site.limits.max_duration - frontier.elapsed()
+    settings["CLOSESPIDER_TIMEOUT"] = max(left, 0.001)
+    return scrapy_frontier.FrontierSiteSpider
+
+
+def run(site: ResolvedSite, recorder: Recorder, run_id: str | None = None) -> str | None:
     """Run the crawl to completion (blocks; once per process: the reactor can't restart).
 
     Returns a note explaining an empty run, or None; raises CrawlCrashed.
     """
-    global _recorder, _guard, _budget
+    global _recorder, _guard, _budget, _shared_pages
     spider_cls: type[scrapy.Spider] = SiteSpider
     spider_kwargs: dict[str, Any] = {"site": site}
     if site.spider is not None:
@@ -446,8 +469,13 @@ def run(site: ResolvedSite, recorder: Recorder) -> str | None:
     _recorder = recorder
     _guard = Guard.for_site(site)
     _budget = budget = Budget(site)
+    settings = settings_for(site)
+    if site.distributed:
+        if run_id is None:
+            raise ScraperError("a distributed crawl needs its run id")
+        spider_cls = _distribute(site, run_id, settings)
     logging.root.handlers.clear()  # Scrapy installs its own stderr handler (LOG_LEVEL)
-    process = CrawlerProcess(settings_for(site))
+    process = CrawlerProcess(settings)
     crawler = process.create_crawler(spider_cls)
     crashes: list[str] = []
 

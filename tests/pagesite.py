@@ -31,6 +31,7 @@ class PageSite:
     pages: int
     robots: str = "User-agent: *\nAllow: /\n"
     answer: Answer | None = None
+    delay: float = 0.0  # seconds before each page is served (a slow site)
     hits: list[Hit] = field(default_factory=list)
     url: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -90,6 +91,8 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 n = -1
             if 0 <= n < self.site.pages:
+                if self.site.delay:
+                    time.sleep(self.site.delay)
                 self._send(200, self.site.body(n), {"Content-Type": "text/html; charset=utf-8"})
                 return
         self._send(404, b"not found", {})
