@@ -18,6 +18,7 @@ whose heartbeats stop, and dead-letters it after GEOSCRAPE_MAX_ATTEMPTS.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -174,6 +175,7 @@ def run_worker(region: str, *, concurrency: int = 1, url: str | None = None) -> 
 
     app = worker_app(region, url)
     wait_for_topology(app.conf.broker_url, region)
+    warm = _start_warm_children()
     heartbeat = Heartbeat(app.conf.broker_url, region).start()
     broker = app.conf.broker_url
     joiner = Joiner(
@@ -186,6 +188,25 @@ def run_worker(region: str, *, concurrency: int = 1, url: str | None = None) -> 
     finally:
         joiner.stop()
         heartbeat.stop()
+        if warm:
+            from scraper.runner import stop_warm_children
+
+            stop_warm_children()
+
+
+def _start_warm_children() -> bool:
+    """Crawls fork from a warm server unless GEOSCRAPE_WARM_CHILDREN=0 (scraper/forkserver.py)."""
+    if os.environ.get("GEOSCRAPE_WARM_CHILDREN", "1") == "0":
+        return False
+    from scraper.errors import ScraperError
+    from scraper.runner import start_warm_children
+
+    try:
+        start_warm_children()
+    except (OSError, ScraperError) as exc:  # crawls still run, each in a fresh process
+        log.warning("no warm crawl processes (%s): each crawl starts a fresh one", exc)
+        return False
+    return True
 
 
 def wait_for_topology(url: str, region: str, *, interval: float = 2.0) -> None:

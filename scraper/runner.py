@@ -42,6 +42,7 @@ from regions.messages import (
 from scraper.batching import Batcher
 from scraper.distributed import RunBoard, is_distributed
 from scraper.protocol import Done, ProtocolError, Release, StatsTracker, decode_event
+from scraper.warm import WarmChild, WarmChildren
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,30 @@ def _load_prctl() -> Callable[..., int] | None:
 
 
 _prctl = _load_prctl()  # loaded in the parent: nothing to look up after fork()
+_warm: WarmChildren | None = None  # this process's fork server, if started
+
+
+def start_warm_children() -> WarmChildren:
+    """Start this process's fork server (scraper/forkserver.py); crawls fork from it.
+
+    Call it from a thread that lives as long as the process (the server gets
+    PR_SET_PDEATHSIG like a crawl child).
+    """
+    global _warm
+    if _warm is None:
+        _warm = WarmChildren.start(
+            [sys.executable, "-m", "scraper.forkserver"],
+            env=_child_env(),
+            preexec_fn=_child_setup(os.getpid()),
+        )
+    return _warm
+
+
+def stop_warm_children() -> None:
+    global _warm
+    if _warm is not None:
+        _warm.stop()
+        _warm = None
 
 
 def _child_setup(parent_pid: int) -> Callable[[], None] | None:
@@ -101,8 +126,17 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def spawn_child() -> subprocess.Popen[bytes]:
-    """`python -m scraper.child` in its own process group, tied to our life."""
+def spawn_child() -> subprocess.Popen[bytes] | WarmChild:
+    """A crawl child in its own process group, tied to our life.
+
+    A fork of the warm fork server when this process started one
+    (`start_warm_children`), else a fresh `python -m scraper.child`.
+    """
+    if _warm is not None:
+        try:
+            return _warm.spawn()
+        except OSError as exc:  # the server died: crawl anyway, the slow way
+            log.warning("warm crawl processes unavailable (%s): starting a fresh one", exc)
     return subprocess.Popen(
         [sys.executable, "-m", CHILD_MODULE],
         stdin=subprocess.PIPE,
@@ -144,7 +178,7 @@ def _pump_stderr(stream: IO[bytes], tail: collections.deque[str]) -> None:
         log.debug("child: %s", line)
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
+def _kill(proc: subprocess.Popen[bytes] | WarmChild) -> None:
     """SIGKILL the child's process group (only ours: it was started as its leader)."""
     if proc.poll() is not None:
         return
@@ -299,6 +333,7 @@ def run_job(
                 timed_out = True
                 give_up_at = None
                 _kill(proc)
+        returncode: int | None
         try:
             returncode = proc.wait(timeout=EXIT_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
