@@ -150,6 +150,9 @@ sites:
             assert not [r for r in runs if r.status == "failed"], runs[0].error
             return sum(r.status == "succeeded" for r in runs) >= n
 
+        from storage.migrate import ensure_schema
+
+        ensure_schema(s.db_url)
         s.ingest()
         worker = s.worker("eu")
         dispatch(50)
