@@ -353,6 +353,7 @@ def main() -> int:
     parser.add_argument("--ingest-items", type=int, default=20_000)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="geoscrape-bench-"))
+    workdir.chmod(0o755)  # nginx's workers (nobody) read the site from here
     os.environ["GEOSCRAPE_REDIS_PREFIX"] = f"geoscrape-bench-{uuid.uuid4().hex[:8]}:"
     base = f"http://127.0.0.1:{PORT}"
     write_site(workdir / "site", args.pages)

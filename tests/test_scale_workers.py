@@ -20,7 +20,7 @@ from tests.conftest import fresh_vhost
 from tests.harness import Stack, stack, wait_until
 from tests.pagesite import PageSite, max_in_window, serve_pages
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 WORKERS = ("eu-1", "eu-2", "us-1", "us-2")
 HEADER = """\

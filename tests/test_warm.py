@@ -114,6 +114,7 @@ def rss(pid: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 500 crawls: minutes on a loaded 2-core machine
 def test_worker_rss_is_flat_over_500_one_page_jobs(tmp_path: Path, site: PageSite) -> None:
     from scheduler.dispatch import publish_jobs
     from storage.queries import list_runs
