@@ -196,7 +196,8 @@ sites:
                 name=f"rate-{n}",
                 base=base,
                 regions="eu, us",
-                extra=f'    politeness: {{rate: "20/s", user_agent: "rate-{n}"}}\n',
+                extra=f'    politeness: {{rate: "20/s", user_agent: "rate-{n}"}}\n'
+                "    limits: {max_pages: 100}\n",
             )
             for n in ("a", "b")
         )
@@ -363,6 +364,9 @@ def main() -> int:
             config = workdir / "sites.yaml"
             config.write_text(site_yaml(base, args.pages))
             s = Stack(workdir=workdir, broker_url=amqp, db_url=db, config=config)
+            # This process publishes too (one-page jobs): to the bench's vhost only.
+            os.environ["GEOSCRAPE_BROKER_URL"] = amqp
+            os.environ["GEOSCRAPE_DATABASE_URL"] = db
             try:
                 rows += run_all(s, workdir, base, log, args)
             finally:
