@@ -8,7 +8,6 @@ under the test's own prefix, or in a redis-server this test starts and stops.
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 import socket
 import subprocess
@@ -113,12 +112,18 @@ def test_old_jobs_without_rate_still_validate() -> None:
     assert site.politeness.rate is None and site.politeness.rate_scope == "domain"
 
 
-def test_scopes() -> None:
+def test_scopes(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
     assert registrable_domain("shop.example.co.uk") == "example.co.uk"
     assert registrable_domain("127.0.0.1") == "127.0.0.1"
     assert scope_of("https://a.b.example.com:8443/x", "domain") == "example.com"
     assert scope_of("https://a.b.example.com/x", "host") == "a.b.example.com"
     assert scope_of("https://www.example.com/x", "domain+exit") == "example.com@direct"
+    monkeypatch.setenv("https_proxy", "http://user:pw@proxy.example.net:3128")
+    assert (
+        scope_of("https://www.example.com/x", "domain+exit") == "example.com@proxy.example.net:3128"
+    )
 
 
 def test_retry_after_forms() -> None:
@@ -297,4 +302,3 @@ def test_redis_stopped_mid_crawl_falls_back_to_local_politeness(
     after = [h.at for h in hits if h.at > stopped_at]
     assert after, "no page was fetched after Redis stopped"
     assert max_in_window(after) <= 21  # still throttled: never unthrottled
-    assert os.environ["GEOSCRAPE_REDIS_URL"] == url
