@@ -254,7 +254,7 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
             BASE.replace("    regions: [eu, us]\n", "    regions: [eu, us]\n    colour: red\n"),
             "sites.yaml:8: site 'shop': colour: unknown key (expected one of: name, start_urls,"
             " regions, engine, spider, schedule, follow, extract, politeness, limits,"
-            " allow_hosts, allow_networks)",
+            " allow_hosts, allow_networks, distributed)",
             id="site",
         ),
         pytest.param(
