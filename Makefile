@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench services
+.PHONY: demo test lint bench bench-crawl services
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,8 @@ services:
 # 1M observations into a fresh PostgreSQL db (dropped after): query latency, export memory.
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench.query_bench
+
+# geoscrape vs bare Scrapy on a generated 2,000-page site (nginx), distributed
+# runs, one-page latency, ingest and the shared rate budget (docs/PERFORMANCE.md).
+bench-crawl: $(VENV)/.installed
+	$(BIN)/python -m bench.crawl_bench

@@ -165,11 +165,12 @@ def worker(
     --stop-timeout) aborts it and hands the run back to the region's queue.
     """
     from regions.bus import check_broker
-    from regions.worker import check_region, run_worker
+    from regions.worker import CrawlPool, check_region, run_worker
     from scheduler.loader import load_config
     from scraper.chromium import check_browser_sites
     from scraper.code import CodeCache
-    from scraper.runner import run_job
+    from scraper.distributed import Joiner
+    from scraper.runner import run_job, start_warm_children, stop_warm_children
     from scraper.verify import RegionEgress
 
     loaded = load_config(config)
@@ -192,6 +193,7 @@ def worker(
         source_address=source,
         events=events,
         stop_timeout=stop_timeout,
+        pool=CrawlPool(start_warm=start_warm_children, stop_warm=stop_warm_children, joiner=Joiner),
     )
 
 
@@ -235,6 +237,10 @@ def crawl(
         bool,
         typer.Option(help="--wait: keep waiting even when a region has no worker consuming."),
     ] = False,
+    distributed: Annotated[
+        bool,
+        typer.Option(help="One run per region shared by its free workers (docs/SCALE.md)."),
+    ] = False,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
     """Dispatch one crawl of SITE per region now."""
@@ -256,7 +262,9 @@ def crawl(
         raise BadInput(f"--expires: {expires!r} must be above 0")
     deadline = utcnow() + timedelta(seconds=ttl)
     # The store is opened only for a site that runs deployed code.
-    planned = plan_jobs(loaded, site, region, pin_code=code_pinner(database_url()))
+    planned = plan_jobs(
+        loaded, site, region, pin_code=code_pinner(database_url()), distributed=distributed
+    )
     jobs = [j.model_copy(update={"expires_at": deadline}) for j in planned]
     check_broker()
     publish_jobs(jobs)

@@ -185,6 +185,11 @@ class RunStats(BaseModel):
     status_codes: dict[str, int] = {}
     peak_rss: Count = 0  # the crawl process's peak resident memory, bytes (0: unknown)
     dropped: Count = 0  # items a Scrapy project's pipeline dropped (DropItem)
+    # The shared rate budget (scraper/ratelimit.py): seconds spent waiting for
+    # it, pauses this run's 429/503 responses started, the highest 429 strike.
+    rate_wait: float = Field(0.0, ge=0)
+    rate_pauses: Count = 0
+    rate_strikes: Count = 0
 
 
 class RunProgress(_Message):

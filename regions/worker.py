@@ -18,10 +18,12 @@ whose heartbeats stop, and dead-letters it after GEOSCRAPE_MAX_ATTEMPTS.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from celery import Celery, bootsteps
@@ -131,6 +133,7 @@ class CrawlRunner(Protocol):
         egress: Any = None,
         attestation: EgressAttestation | None = None,
         should_abort: Callable[[], bool] | None = None,
+        participant: bool = False,
     ) -> RunFinished: ...
 
 
@@ -267,15 +270,16 @@ def worker_app(
             task_id = str(self.request.id)
             stop.started(job)
             try:
-                finished = run_job(
-                    job,
-                    publish,
-                    worker=name,
-                    on_started=lambda: ack_delivery(task_id),
-                    egress=child_egress,
-                    attestation=attestation,
-                    should_abort=stop.abort.is_set,
-                )
+                with _busy:
+                    finished = run_job(
+                        job,
+                        publish,
+                        worker=name,
+                        on_started=lambda: ack_delivery(task_id),
+                        egress=child_egress,
+                        attestation=attestation,
+                        should_abort=stop.abort.is_set,
+                    )
             except CrawlAborted as aborted:
                 publish(
                     RunReleased(
@@ -307,6 +311,50 @@ def worker_app(
     return app
 
 
+class _Busy:
+    """How many crawls of its own this worker process runs right now."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.crawls = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.crawls += 1
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self.crawls -= 1
+
+
+_busy = _Busy()  # one worker per process
+
+
+@dataclass
+class CrawlPool:
+    """What the worker needs from the crawl layer besides the runner, handed in by
+    the CLI (regions sits below scraper): the fork server of warm crawl processes
+    (scraper.runner.start/stop_warm_children) and the joiner of distributed runs
+    (scraper.distributed.Joiner)."""
+
+    start_warm: Callable[[], object] | None = None
+    stop_warm: Callable[[], None] | None = None
+    joiner: Callable[..., Any] | None = None
+
+
+def participate(job: Job, url: str, region: str, run_job: CrawlRunner) -> None:
+    """Take part in another worker's distributed run until it closes (scraper/distributed.py)."""
+    with connect(url) as conn:
+
+        def publish(message: BaseModel) -> None:
+            publish_ingest(conn, dump(message))
+
+        finished = run_job(
+            job, publish, worker=worker_name(region), on_started=lambda: None, participant=True
+        )
+    log.info("run %s: took part, %d pages", job.run_id, finished.stats.pages)
+
+
 def run_worker(
     region: str,
     run_job: CrawlRunner,
@@ -317,6 +365,7 @@ def run_worker(
     source_address: str | None = None,
     events: bool = False,
     stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+    pool: CrawlPool | None = None,
 ) -> None:
     """Run a worker for `region` in the foreground until stopped (SIGTERM/SIGINT).
 
@@ -324,6 +373,7 @@ def run_worker(
     first signal finishes the crawls in progress; a second one (or
     `stop_timeout` seconds) hands them back (regions/stopping.py).
     """
+    pool = pool or CrawlPool()
     if source_address is not None:
         check_source_address(source_address)
     control = StopControl(stop_timeout).connect()
@@ -337,17 +387,44 @@ def run_worker(
         control=control,
     )
     wait_for_topology(app.conf.broker_url, region)
+    warm = _start_warm_children(pool)
     heartbeat = Heartbeat(
         app.conf.broker_url, region, exits=egress.reports, egress=source_address
     ).start()
     egress.on_change = heartbeat.beat  # a verdict that changed is reported at once
+    broker = app.conf.broker_url
+    joiner = (
+        pool.joiner(
+            region,
+            is_free=lambda: _busy.crawls == 0,
+            participate=lambda job: participate(job, broker, region, run_job),
+        ).start()
+        if pool.joiner is not None
+        else None
+    )
     try:
         egress.start()
         _worker_main(app, region, concurrency)
     finally:
+        if joiner is not None:
+            joiner.stop()
         egress.stop()
         heartbeat.stop()
         control.disconnect()
+        if warm and pool.stop_warm is not None:
+            pool.stop_warm()
+
+
+def _start_warm_children(pool: CrawlPool) -> bool:
+    """Crawls fork from a warm server unless GEOSCRAPE_WARM_CHILDREN=0 (scraper/forkserver.py)."""
+    if pool.start_warm is None or os.environ.get("GEOSCRAPE_WARM_CHILDREN", "1") == "0":
+        return False
+    try:
+        pool.start_warm()
+    except Exception as exc:  # crawls still run, each in a fresh process
+        log.warning("no warm crawl processes (%s): each crawl starts a fresh one", exc)
+        return False
+    return True
 
 
 def wait_for_topology(url: str, region: str, *, interval: float = 2.0) -> None:

@@ -23,9 +23,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from scheduler.units import parse_duration, parse_size
+from scheduler.units import parse_duration, parse_rate, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]  # seconds
+Rate = Annotated[float, BeforeValidator(parse_rate), Field(gt=0)]  # requests per second
+# What one shared rate budget covers (scraper/ratelimit.py): the registrable
+# domain, the exact host, or the domain per egress address.
+RateScope = Literal["domain", "host", "domain+exit"]
 Size = Annotated[int, BeforeValidator(parse_size)]  # bytes
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -85,6 +89,10 @@ class Politeness(_Model):
     concurrency: int = Field(8, ge=1, le=256)
     robots: Literal["obey", "ignore"] = "obey"
     user_agent: str = "geoscrape (+https://github.com/geoscrape/geoscrape)"
+    # Shared by every crawl of every worker and region (Redis): None = no shared cap.
+    rate: Rate | None = None
+    rate_scope: RateScope = "domain"
+    max_retry_after: Duration = 300.0  # the longest pause a 429/503 Retry-After may impose
 
 
 class Limits(_Model):
@@ -102,6 +110,9 @@ class PolitenessOverride(_Model):
     concurrency: int | None = Field(None, ge=1, le=256)
     robots: Literal["obey", "ignore"] | None = None
     user_agent: str | None = None
+    rate: Rate | None = None
+    rate_scope: RateScope | None = None
+    max_retry_after: Duration | None = None
 
 
 class LimitsOverride(_Model):
@@ -500,6 +511,8 @@ class Site(_Model):
     expect: Expect | None = None
     alerts: Alerts | None = None
     keep_bodies: bool = False  # store response bodies (for `export --kind warc`)
+    # One run shared by the region's free workers, its frontier in Redis (scraper/frontier.py).
+    distributed: bool = False
 
     @model_validator(mode="after")
     def _runnable(self) -> Site:
@@ -529,6 +542,8 @@ class Site(_Model):
             raise ValueError("engine 'browser' runs the generic spider; drop 'spider'")
         if self.compare.samples > 1 and (self.engine != "requests" or self.spider is not None):
             raise ValueError("compare.samples > 1 needs engine 'requests' (for now)")
+        if self.distributed and (self.engine != "scrapy" or self.spider is not None):
+            raise ValueError("'distributed' needs engine 'scrapy' with the generic spider")
         return self
 
     @field_validator("start_urls")
@@ -581,6 +596,7 @@ class ResolvedSite(_Model):
     keep_bodies: bool = False
     # Set by the worker from its region's egress, never by the dispatcher.
     source_address: str | None = None
+    distributed: bool = False
 
 
 def _check_region_name(name: str) -> str:
@@ -666,6 +682,7 @@ class Config(_Model):
             expect=site.expect,
             alerts=site.alerts,
             keep_bodies=site.keep_bodies,
+            distributed=site.distributed,
         )
 
 

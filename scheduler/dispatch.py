@@ -27,11 +27,14 @@ def plan_jobs(
     trigger: str = "manual",
     tick: str | None = None,
     pin_code: Callable[[str], CodeRef] | None = None,
+    distributed: bool = False,
 ) -> list[Job]:
     """The jobs a dispatch would publish: one per region, each with a fresh run id.
 
     A `project: deployed:NAME` site's jobs pin the newest bundle of NAME, as
-    `pin_code` (the store's storage.code.latest_bundle) names it.
+    `pin_code` (the store's storage.code.latest_bundle) names it. `distributed`
+    runs the site as one run per region shared by that region's workers
+    (scraper/frontier.py), as `distributed: true` in sites.yaml would.
     """
     try:
         site = config.site(site_name)
@@ -59,6 +62,12 @@ def plan_jobs(
             code = pin_code(resolved.project.removeprefix(DEPLOYED_PREFIX))
         except Exception as exc:  # no such bundle, or the store is unreachable
             raise DispatchError(f"site {site_name!r}: {exc}") from exc
+    if distributed and not resolved.distributed:
+        if site.engine != "scrapy" or site.spider is not None:
+            raise DispatchError(
+                f"site {site_name!r}: --distributed needs engine 'scrapy' with the generic spider"
+            )
+        resolved = resolved.model_copy(update={"distributed": True})
     snapshot = resolved.model_dump(mode="json")
     now = utcnow()
     return [

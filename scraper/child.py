@@ -75,7 +75,9 @@ def run_job(job: Job, recorder: Recorder, exits: Exits | None = None) -> None:
         else:
             from scraper import scrapy_engine
 
-            note = scrapy_engine.run(site, recorder, project=code_path(job), exits=exits)
+            note = scrapy_engine.run(
+                site, recorder, project=code_path(job), exits=exits, run_id=job.run_id
+            )
         status, error = recorder.outcome(crash=exits.failure, note=note)
     except Exception as exc:
         log.exception("run %s crashed", job.run_id)

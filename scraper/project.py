@@ -37,6 +37,7 @@ GUARD_MIDDLEWARE = "scraper.scrapy_engine.SSRFGuardMiddleware"
 GUARDED_RESOLVER = "scraper.scrapy_engine.GuardedResolver"
 EGRESS_MIDDLEWARE = "scraper.scrapy_engine.EgressMiddleware"
 SOURCE_MIDDLEWARE = "scraper.scrapy_engine.SourceAddressMiddleware"
+BUDGET_MIDDLEWARE = "scraper.scrapy_engine.RateBudgetMiddleware"
 
 
 class ProjectError(ScraperError):
@@ -81,13 +82,15 @@ GUARDS: tuple[Guard, ...] = (
 )  # fmt: skip
 # Added to the project's DOWNLOADER_MIDDLEWARES (its own entries stay): the
 # fetch recorder with limits.max_pages, the SSRF guard of every request, the
-# region's source address, and its egress exits (600: after retries, before
-# HttpProxyMiddleware).
+# region's source address, its egress exits (600: after retries, before
+# HttpProxyMiddleware) and the shared rate budget (950: next to the
+# downloader, so it counts what goes on the wire).
 GEOSCRAPE_MIDDLEWARES = {
     RECORDER_MIDDLEWARE: 50,
     GUARD_MIDDLEWARE: 60,
     SOURCE_MIDDLEWARE: 70,
     EGRESS_MIDDLEWARE: 600,
+    BUDGET_MIDDLEWARE: 950,
 }
 
 

@@ -6,8 +6,12 @@ child points fd 1 at stderr so nothing else can write there):
 
     {"event": "item",  "item":  {ScrapedItem}}
     {"event": "fetch", "fetch": {Fetch}}
+    {"event": "release", "entry": str}   # distributed runs: a page is handled
     {"event": "done",  "status": "succeeded" | "failed", "error": str | null,
                        "stats": {RunStats}}            # exactly one, last
+
+`release` (scraper/frontier.py) comes after the page's fetch and items: the
+parent ends the page's lease once those are published.
 
 This module is shared by both sides and must not import Scrapy or Twisted.
 """
@@ -28,6 +32,7 @@ Status = Literal["succeeded", "failed"]
 
 ITEM = "item"
 FETCH = "fetch"
+RELEASE = "release"
 DONE = "done"
 
 
@@ -42,7 +47,14 @@ class Done:
     stats: RunStats
 
 
-Event = ScrapedItem | Fetch | Done
+@dataclass(frozen=True)
+class Release:
+    """A distributed run's page is handled: its lease may end once its items are out."""
+
+    entry: str
+
+
+Event = ScrapedItem | Fetch | Release | Done
 
 
 def encode_item(item: ScrapedItem) -> str:
@@ -68,6 +80,8 @@ def decode_event(line: str | bytes) -> Event:
             return ScrapedItem.model_validate(body["item"])
         if kind == FETCH:
             return Fetch.model_validate(body["fetch"])
+        if kind == RELEASE:
+            return Release(str(body["entry"]))
         if kind == DONE:
             status = body["status"]
             if status not in ("succeeded", "failed"):
@@ -93,6 +107,9 @@ class StatsTracker:
     bytes: int = 0
     dropped: int = 0
     status_codes: dict[str, int] = field(default_factory=dict)
+    rate_wait: float = 0.0
+    rate_pauses: int = 0
+    rate_strikes: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def add_fetch(self, fetch: Fetch) -> None:
@@ -123,6 +140,9 @@ class StatsTracker:
             duration=round(time.monotonic() - self.started, 3),
             status_codes=dict(sorted(self.status_codes.items())),
             dropped=self.dropped,
+            rate_wait=round(self.rate_wait, 3),
+            rate_pauses=self.rate_pauses,
+            rate_strikes=self.rate_strikes,
         )
 
 
@@ -167,6 +187,11 @@ class Recorder:
             self._write(encode_item(item))
             return True
 
+    def release(self, entry: str) -> None:
+        """A frontier entry is handled (after its fetch and items were written)."""
+        with self._lock:
+            self._write(json.dumps({"event": RELEASE, "entry": entry}))
+
     def error(self) -> None:
         """Count an error that is not a fetch (an exception in a spider callback)."""
         with self._lock:
@@ -188,6 +213,13 @@ class Recorder:
         with self._lock:
             if what not in self.limits_hit:
                 self.limits_hit.append(what)
+
+    def rate_budget(self, waited: float, pauses: int, strikes: int) -> None:
+        """The shared rate budget's part of the stats (scraper.ratelimit.Budget)."""
+        with self._lock:
+            self.stats.rate_wait = waited
+            self.stats.rate_pauses = pauses
+            self.stats.rate_strikes = strikes
 
     def outcome(
         self, crash: str | None = None, note: str | None = None
@@ -227,4 +259,6 @@ def payload(event: Event) -> dict[str, Any]:
         return json.loads(encode_item(event))
     if isinstance(event, Fetch):
         return json.loads(encode_fetch(event))
+    if isinstance(event, Release):
+        return {"event": RELEASE, "entry": event.entry}
     return json.loads(encode_done(event.status, event.error, event.stats))

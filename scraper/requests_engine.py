@@ -32,6 +32,7 @@ from scraper.errors import ScraperError
 from scraper.evidence import inspect
 from scraper.extract import extract_items, page_selector
 from scraper.protocol import Recorder
+from scraper.ratelimit import Budget, robots_rate
 from scraper.ssrf import REFUSED, Guard, SSRFRefused
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,10 @@ def _redacted(text: str) -> str:
 class _Robots:
     """robots.txt per origin, fetched once, through the same session."""
 
-    def __init__(self, session: requests.Session, site: ResolvedSite) -> None:
+    def __init__(self, session: requests.Session, site: ResolvedSite, budget: Budget) -> None:
         self._session = session
         self._site = site
+        self._budget = budget
         self._parsers: dict[str, urllib.robotparser.RobotFileParser] = {}
         self.forbidden = 0
 
@@ -109,6 +111,7 @@ class _Robots:
 
     def _load(self, origin: str) -> urllib.robotparser.RobotFileParser:
         parser = urllib.robotparser.RobotFileParser(f"{origin}/robots.txt")
+        self._budget.wait(f"{origin}/robots.txt")
         try:
             response = self._session.get(
                 f"{origin}/robots.txt", timeout=self._site.limits.timeout, stream=True
@@ -124,6 +127,10 @@ class _Robots:
             parser.parse([])
         else:
             parser.parse(body.decode("utf-8", "replace").splitlines())
+            agent = self._site.politeness.user_agent
+            delay = parser.crawl_delay(agent)
+            rate = robots_rate(parser.request_rate(agent))
+            self._budget.set_robots(origin, float(delay) if delay else None, rate)
         return parser
 
 
@@ -230,7 +237,8 @@ def run(site: ResolvedSite, recorder: Recorder, exits: Exits | None = None) -> s
     if exits.proxied:
         session.trust_env = False  # no NO_PROXY / HTTP_PROXY from the environment
     guard = Guard.for_site(site).with_proxies(exits.endpoints())
-    robots = _Robots(session, site) if site.politeness.robots == "obey" else None
+    budget = Budget(site)
+    robots = _Robots(session, site, budget) if site.politeness.robots == "obey" else None
     requested = 0
     give_up_at = time.monotonic() + site.limits.max_duration
     with session, guarded_connections(guard):
@@ -263,11 +271,14 @@ def run(site: ResolvedSite, recorder: Recorder, exits: Exits | None = None) -> s
                     pause = min(site.politeness.delay, site.compare.window / site.compare.samples)
                     if pause > 0:
                         time.sleep(pause)
-                exit_left = _fetch_through(session, site, url, recorder, exits, sample)
+                exit_left = _fetch_through(session, site, url, recorder, exits, budget, sample)
                 if not exit_left:
                     break
             if not exit_left:
                 break  # no exit left: nothing more may go out
+    recorder.rate_budget(budget.waited, budget.pauses, budget.strikes)
+    if budget.note is not None:
+        recorder.note(budget.note)
     if robots is not None and robots.forbidden and recorder.stats.pages == 0:
         return f"no page was fetched ({robots.forbidden} URL(s) forbidden by robots.txt)"
     return None
@@ -296,6 +307,7 @@ def _fetch_through(
     url: str,
     recorder: Recorder,
     exits: Exits,
+    budget: Budget,
     sample: int = 0,
 ) -> bool:
     """Fetch `url` through the next exit, failing over to the others (per-request
@@ -307,7 +319,7 @@ def _fetch_through(
             recorder.fetch(Fetch(url=url, status=None, error=f"no egress exit left: {exc}"[:300]))
             return False
         _use(session, exit_)
-        failure = _fetch_one(session, site, url, recorder, exit_, exits.proxied, sample)
+        failure = _fetch_one(session, site, url, recorder, exit_, exits.proxied, budget, sample)
         if failure is None:
             return True
         assert exit_ is not None  # a proxy failure needs a proxy
@@ -333,6 +345,22 @@ def _get(
     raise requests.TooManyRedirects(f"more than {site.limits.max_redirects} redirects")
 
 
+def _get_within_budget(
+    session: requests.Session, site: ResolvedSite, url: str, budget: Budget
+) -> requests.Response:
+    """GET `url` when the shared budget allows; once more after a 429/503 pause."""
+    guard = Guard.for_site(site)
+    for attempt in (1, 2):
+        budget.wait(url)
+        response = _get(session, site, url, guard)
+        paused = budget.observe(url, response.status_code, response.headers.get("Retry-After"))
+        if attempt == 2 or not (paused or (budget.active and response.status_code == 429)):
+            return response
+        log.info("%s answered %d: again after the pause", url, response.status_code)
+        response.close()
+    raise AssertionError("unreachable")
+
+
 def _fetch_one(
     session: requests.Session,
     site: ResolvedSite,
@@ -340,13 +368,18 @@ def _fetch_one(
     recorder: Recorder,
     exit_: Exit | None = None,
     proxied: bool = False,
+    budget: Budget | None = None,
     sample: int = 0,
 ) -> BaseException | None:
     """Fetch and record `url`; a proxy failure is returned unrecorded (the caller fails over)."""
     assert site.extract is not None
     address = exit_.address if exit_ is not None else None
     try:
-        response = _get(session, site, url, Guard.for_site(site))
+        response = (
+            _get(session, site, url, Guard.for_site(site))
+            if budget is None
+            else _get_within_budget(session, site, url, budget)
+        )
         body = _read_capped(response, site.limits.max_bytes, site.limits.timeout)
     except (requests.RequestException, ScraperError) as exc:
         if proxied and is_proxy_error(exc):

@@ -43,9 +43,11 @@ from regions.messages import (
 )
 from scraper.batching import Batcher
 from scraper.code import CODE_PATH_ENV, CODE_TOKEN_ENV, CodeError
+from scraper.distributed import RunBoard, is_distributed
 from scraper.egress import EGRESS_ENV, ChildEgress
 from scraper.errors import CrawlAborted
-from scraper.protocol import Done, ProtocolError, StatsTracker, decode_event
+from scraper.protocol import Done, ProtocolError, Release, StatsTracker, decode_event
+from scraper.warm import WarmChild, WarmChildren
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,30 @@ def _load_prctl() -> Callable[..., int] | None:
 
 
 _prctl = _load_prctl()  # loaded in the parent: nothing to look up after fork()
+_warm: WarmChildren | None = None  # this process's fork server, if started
+
+
+def start_warm_children() -> WarmChildren:
+    """Start this process's fork server (scraper/forkserver.py); crawls fork from it.
+
+    Call it from a thread that lives as long as the process (the server gets
+    PR_SET_PDEATHSIG like a crawl child).
+    """
+    global _warm
+    if _warm is None:
+        _warm = WarmChildren.start(
+            [sys.executable, "-m", "scraper.forkserver"],
+            env=_child_env(),
+            preexec_fn=_child_setup(os.getpid()),
+        )
+    return _warm
+
+
+def stop_warm_children() -> None:
+    global _warm
+    if _warm is not None:
+        _warm.stop()
+        _warm = None
 
 
 def _child_setup(parent_pid: int) -> Callable[[], None] | None:
@@ -120,8 +146,22 @@ def _child_env(code_path: str | None = None, egress: ChildEgress | None = None) 
 
 def spawn_child(
     code_path: str | None = None, egress: ChildEgress | None = None
-) -> subprocess.Popen[bytes]:
-    """`python -m scraper.child` in its own process group, tied to our life."""
+) -> subprocess.Popen[bytes] | WarmChild:
+    """A crawl child in its own process group, tied to our life.
+
+    A fork of the warm fork server when this process started one
+    (`start_warm_children`) and the crawl needs nothing in its environment (a
+    fork inherits the server's): no code bundle, no proxy exits, no verified
+    exit address. Else a fresh `python -m scraper.child` with them.
+    """
+    private = code_path is not None or (
+        egress is not None and any(e.proxy or e.address for e in egress.exits)
+    )
+    if _warm is not None and not private:
+        try:
+            return _warm.spawn()
+        except OSError as exc:  # the server died: crawl anyway, the slow way
+            log.warning("warm crawl processes unavailable (%s): starting a fresh one", exc)
     return subprocess.Popen(
         [sys.executable, "-m", CHILD_MODULE],
         stdin=subprocess.PIPE,
@@ -163,7 +203,7 @@ def _pump_stderr(stream: IO[bytes], tail: collections.deque[str]) -> None:
         log.debug("child: %s", line)
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
+def _kill(proc: subprocess.Popen[bytes] | WarmChild) -> None:
     """SIGKILL the child's process group (only ours: it was started as its leader)."""
     if proc.poll() is not None:
         return
@@ -206,6 +246,7 @@ def run_job(
     egress: ChildEgress | None = None,
     attestation: EgressAttestation | None = None,
     should_abort: Callable[[], bool] | None = None,
+    participant: bool = False,
 ) -> RunFinished:
     """Run one job in a crawl child, publishing its messages; returns the RunFinished.
 
@@ -224,23 +265,36 @@ def run_job(
     `should_abort` is polled a few times a second: once true, the crawl is
     killed, the items so far are published and CrawlAborted is raised
     instead of a RunFinished (the worker hands the job back).
+
+    A `distributed` site's job runs as the run's owner, or with `participant`
+    as a helper that publishes only ItemBatches and reports its stats to the
+    owner through Redis; its RunFinished is returned, not published
+    (scraper/distributed.py).
     """
     clock = time.monotonic
     if timeout is None:
         max_duration = job.config.get("limits", {}).get("max_duration")
         if isinstance(max_duration, int | float):
             timeout = float(max_duration) + DURATION_GRACE_SECONDS
-    publish(
-        RunStarted(
-            run_id=job.run_id,
-            site=job.site,
-            region=job.region,
-            worker=worker,
-            started_at=utcnow(),
-            attempt=job.attempt,
-            egress=attestation,
+    board = RunBoard(job, worker) if is_distributed(job) else None
+    if participant:
+        if board is None:
+            raise ValueError(f"run {job.run_id} is not distributed: nothing to take part in")
+        board.join()
+    else:
+        publish(
+            RunStarted(
+                run_id=job.run_id,
+                site=job.site,
+                region=job.region,
+                worker=worker,
+                started_at=utcnow(),
+                attempt=job.attempt,
+                egress=attestation,
+            )
         )
-    )
+        if board is not None:
+            board.open()
     if on_started is not None:
         on_started()
     code_path: str | None = None
@@ -261,6 +315,18 @@ def run_job(
     events: queue.Queue[object] = queue.Queue(maxsize=EVENT_QUEUE_MAX)
     stop_reading = threading.Event()
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+
+    # Distributed runs: pages the child released, acked once their items are out.
+    releases: list[str] = []
+
+    def ack_releases() -> None:
+        if releases and board is not None:
+            board.release(releases)
+        releases.clear()
+
+    def send(batch: BaseModel) -> None:
+        publish(batch)
+        ack_releases()
 
     proc = spawn_child(code_path, egress)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
@@ -294,26 +360,32 @@ def run_job(
             if line is _EOF:
                 break
             if isinstance(line, bytes):
-                done = _handle(line, batcher, stats, publish, done, job.run_id) or done
+                done = _handle(line, batcher, stats, send, done, job.run_id, releases) or done
             if (batch := batcher.poll()) is not None:
-                publish(batch)
+                send(batch)
+            if releases and not len(batcher):  # all they wrote before is out
+                ack_releases()
             now = clock()
             if now >= next_progress:
-                publish(
-                    RunProgress(
-                        run_id=job.run_id,
-                        site=job.site,
-                        region=job.region,
-                        stats=stats.snapshot(),
-                        sent_at=utcnow(),
+                if not participant:
+                    publish(
+                        RunProgress(
+                            run_id=job.run_id,
+                            site=job.site,
+                            region=job.region,
+                            stats=stats.snapshot(),
+                            sent_at=utcnow(),
+                        )
                     )
-                )
+                if board is not None:
+                    board.alive()
                 next_progress = now + progress_seconds
             if give_up_at is not None and now >= give_up_at and done is None:
                 log.warning("run %s timed out after %ss: killing the crawl", job.run_id, timeout)
                 timed_out = True
                 give_up_at = None
                 _kill(proc)
+        returncode: int | None
         try:
             returncode = proc.wait(timeout=0 if aborted else EXIT_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
@@ -329,7 +401,8 @@ def run_job(
                 stream.close()
 
     if (batch := batcher.flush()) is not None:
-        publish(batch)
+        send(batch)
+    ack_releases()
     if aborted:
         snapshot = stats.snapshot()
         raise CrawlAborted(job.run_id, snapshot.pages, snapshot.items)
@@ -343,12 +416,28 @@ def run_job(
             error = f"crawl timed out after {timeout}s"
         else:
             error = _death_message(returncode, tail)
-    return _finish(job, publish, status, final_stats, error)
+    if board is not None and participant:
+        board.report(final_stats)
+    elif board is not None:
+        board.close()
+        final_stats = board.total(final_stats)
+        board.cleanup()
+        if done is not None and final_stats.pages > 0:
+            status = "succeeded"  # the pages may all have gone to other workers
+    return _finish(job, publish, status, final_stats, error, publish_it=not participant)
 
 
 def _finish(
-    job: Job, publish: Publish, status: str, stats: RunStats, error: str | None
+    job: Job,
+    publish: Publish,
+    status: str,
+    stats: RunStats,
+    error: str | None,
+    *,
+    publish_it: bool = True,
 ) -> RunFinished:
+    """The run's RunFinished, published unless a distributed run's helper
+    (its owner reports the run's whole stats)."""
     finished = RunFinished(
         run_id=job.run_id,
         site=job.site,
@@ -358,7 +447,8 @@ def _finish(
         stats=stats,
         error=error,
     )
-    publish(finished)
+    if publish_it:
+        publish(finished)
     return finished
 
 
@@ -369,8 +459,13 @@ def _handle(
     publish: Publish,
     done: Done | None,
     run_id: str,
+    releases: list[str],
 ) -> Done | None:
-    """Apply one protocol line; returns the Done event when this line is it."""
+    """Apply one protocol line; returns the Done event when this line is it.
+
+    A Release is queued in `releases`, acked once everything the child wrote
+    before it is published.
+    """
     try:
         event = decode_event(line)
     except ProtocolError as exc:
@@ -386,6 +481,8 @@ def _handle(
     elif isinstance(event, Fetch):
         stats.add_fetch(event)
         batch = batcher.add_fetch(event)
+    elif isinstance(event, Release):
+        releases.append(event.entry)
     else:
         return event
     if batch is not None:

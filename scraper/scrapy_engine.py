@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 
 import scrapy
 from itemadapter import ItemAdapter
+from protego import Protego
 from scrapy import signals
 from scrapy.crawler import Crawler, CrawlerProcess
 from scrapy.exceptions import (
@@ -38,9 +40,10 @@ from scrapy.http import Request, Response, TextResponse
 from scrapy.linkextractors import LinkExtractor
 from scrapy.resolver import CachingHostnameResolver
 from scrapy.settings import Settings
-from scrapy.utils.defer import deferred_from_coro
+from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHostResolution, IResolutionReceiver
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -50,6 +53,7 @@ from scraper.egress import ChildEgress, Exit, Exits, NoExitLeft
 from scraper.errors import ScraperError
 from scraper.evidence import inspect
 from scraper.extract import extract_items
+from scraper.frontier import Frontier
 from scraper.project import (
     GEOSCRAPE_MIDDLEWARES,
     GUARDED_RESOLVER,
@@ -59,6 +63,7 @@ from scraper.project import (
     spider_class,
 )
 from scraper.protocol import Recorder
+from scraper.ratelimit import Budget, robots_rate, scope_of
 from scraper.ssrf import Guard, SSRFRefused
 
 __all__ = ["SpiderLoadError", "run"]
@@ -70,15 +75,17 @@ TOO_MANY_REDIRECTS = "Too many redirects"
 EXIT_META = "geoscrape_exit"  # the scraper.egress.Exit a request goes out through
 
 
-# The run's recorder and SSRF guard, for the middlewares and the resolver (Scrapy
-# deep-copies settings, so they cannot travel there). One crawl per process, so
-# one global each is enough.
+# The run's recorder, SSRF guard and rate budget, for the middlewares and the
+# resolver (Scrapy deep-copies settings, so they cannot travel there). One
+# crawl per process, so one global each is enough.
 _recorder: Recorder | None = None
 _site: ResolvedSite | None = None
 # request.meta key: the block signature the response matched (scraper/blocks.py).
 BLOCK_META = "geoscrape_block"
 _guard: Guard | None = None
 _exits: Exits | None = None
+_budget: Budget | None = None
+_shared_pages: Frontier | None = None  # the run's frontier, in a distributed run
 
 
 class GuardRefused(IgnoreRequest):
@@ -180,13 +187,16 @@ class FetchRecorderMiddleware:
         self.max_depth: int = crawler.settings.getint("GEOSCRAPE_MAX_DEPTH")
         self.responses = 0
         self._closing = False
+        # A distributed run counts max_pages over all its workers (scraper/frontier.py).
+        self.shared = _shared_pages
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> FetchRecorderMiddleware:
         return cls(crawler)
 
     def _limit_reached(self) -> bool:
-        return self.responses >= self.max_pages
+        pages = self.shared.pages() if self.shared is not None else self.responses
+        return pages >= self.max_pages
 
     def _close(self) -> None:
         if not self._closing and self.crawler.engine is not None:
@@ -211,6 +221,8 @@ class FetchRecorderMiddleware:
         if self._limit_reached():
             raise IgnoreRequest("max_pages reached")
         self.responses += 1
+        if self.shared is not None:
+            self.shared.count_page()
         origin = (request.meta.get("redirect_urls") or [request.url])[0]
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
@@ -346,6 +358,60 @@ class SourceAddressMiddleware:
         return None
 
 
+class RateBudgetMiddleware:
+    """Holds each download until the shared rate budget lets it go (scraper.ratelimit).
+
+    Asks are serialised per scope, so this crawl waits for one slot at a time
+    and the slots go round-robin between the crawls that share the budget.
+    Reads robots.txt `Crawl-delay`/`Request-rate` from the robots response
+    itself, and turns 429/503 + Retry-After into a pause for every worker.
+    """
+
+    def __init__(self, budget: Budget, user_agent: str) -> None:
+        self.budget = budget
+        self.user_agent = user_agent
+        self._locks: dict[str, defer.DeferredLock] = {}
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> RateBudgetMiddleware:
+        if _budget is None:
+            raise ScraperError("RateBudgetMiddleware runs only inside scrapy_engine.run()")
+        return cls(_budget, crawler.settings.get("USER_AGENT"))
+
+    async def process_request(self, request: Request) -> None:
+        if self.budget.interval_for(request.url) <= 0:
+            return None
+        scope = scope_of(request.url, self.budget.scope)
+        lock = self._locks.setdefault(scope, defer.DeferredLock())
+        await maybe_deferred_to_future(lock.acquire())
+        started = time.monotonic()
+        try:
+            while (delay := self.budget.try_acquire(request.url)) > 0:
+                await maybe_deferred_to_future(sleep_deferred(delay))
+        finally:
+            self.budget.add_wait(time.monotonic() - started)
+            lock.release()
+        return None
+
+    def process_response(self, request: Request, response: Response) -> Response:
+        if _is_robots_request(request) and 200 <= response.status < 300:
+            robots = Protego.parse(response.body.decode("utf-8", "replace"))
+            delay = robots.crawl_delay(self.user_agent)
+            rate = robots_rate(robots.request_rate(self.user_agent))
+            self.budget.set_robots(request.url, float(delay) if delay else None, rate)
+        retry_after = response.headers.get(b"Retry-After")
+        self.budget.observe(
+            request.url, response.status, retry_after.decode("latin-1") if retry_after else None
+        )
+        return response
+
+
+def sleep_deferred(seconds: float) -> defer.Deferred[None]:
+    from twisted.internet import reactor
+
+    return deferLater(reactor, seconds, lambda: None)
+
+
 @implementer(IResolutionReceiver)
 class _GuardedReceiver:
     """Passes on only the addresses the guard allows for (host, port)."""
@@ -474,6 +540,22 @@ class CrawlCrashed(ScraperError):
     """The Scrapy crawl itself failed (not a page: the engine or the spider setup)."""
 
 
+def _distribute(site: ResolvedSite, run_id: str, settings: dict[str, Any]) -> type[SiteSpider]:
+    """Point the crawl at the run's Redis frontier; returns the spider class to run."""
+    global _shared_pages
+    from scraper import scrapy_frontier
+
+    frontier = Frontier(run_id)
+    scrapy_frontier.current = _shared_pages = frontier
+    scrapy_frontier._recorder = _recorder
+    scrapy_frontier.poll_often()
+    settings["SCHEDULER"] = "scraper.scrapy_frontier.FrontierScheduler"
+    # max_duration holds for the run: a worker that joins late gets what is left.
+    left = site.limits.max_duration - frontier.elapsed()
+    settings["CLOSESPIDER_TIMEOUT"] = max(left, 0.001)
+    return scrapy_frontier.FrontierSiteSpider
+
+
 def run(
     site: ResolvedSite,
     recorder: Recorder,
@@ -481,6 +563,7 @@ def run(
     *,
     settings: dict[str, Any] | None = None,
     exits: Exits | None = None,
+    run_id: str | None = None,
 ) -> str | None:
     """Run the crawl to completion (blocks; once per process: the reactor can't restart).
 
@@ -488,7 +571,7 @@ def run(
     `settings` replaces `settings_for(site)` (engine browser passes its own).
     Returns a note explaining an empty run, or None; raises CrawlCrashed.
     """
-    global _recorder, _guard, _exits, _site
+    global _recorder, _guard, _exits, _site, _budget, _shared_pages
     project = project or site.project
     exits = exits or Exits(ChildEgress())
     socks = [e.label for e in exits.exits if e.proxy and not e.proxy.startswith("http")]
@@ -513,6 +596,11 @@ def run(
     _site = site
     _guard = Guard.for_site(site).with_proxies(exits.endpoints())
     _exits = exits
+    _budget = budget = Budget(site)
+    if site.distributed:
+        if run_id is None or not isinstance(crawl_settings, dict):
+            raise ScraperError("a distributed crawl needs its run id and the generic spider")
+        spider_cls = _distribute(site, run_id, crawl_settings)
     logging.root.handlers.clear()  # Scrapy installs its own stderr handler (LOG_LEVEL)
     process = CrawlerProcess(crawl_settings)
     crawler = process.create_crawler(spider_cls)
@@ -556,6 +644,9 @@ def run(
 
     if recorder.duplicates:
         log.info("%d item(s) with an already seen key dropped", recorder.duplicates)
+    recorder.rate_budget(budget.waited, budget.pauses, budget.strikes)
+    if budget.note is not None:
+        recorder.note(budget.note)
     spider = crawler.spider
     if isinstance(spider, SiteSpider) and spider.links_dropped:
         recorder.limit(f"max_links ({spider.max_links}/page, {spider.links_dropped} not followed)")

@@ -255,7 +255,7 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
             "sites.yaml:8: site 'shop': colour: unknown key (expected one of: name, start_urls,"
             " regions, engine, spider, schedule, follow, extract, politeness, limits,"
             " allow_hosts, allow_networks, project, spider_args, browser, compare, access, expect,"
-            " alerts, keep_bodies)",
+            " alerts, keep_bodies, distributed)",
             id="site",
         ),
         pytest.param(

@@ -70,8 +70,11 @@ CRAWL = "geoscrape.crawl"
 
 def test_worker_without_events_sends_none(tmp_path: Path) -> None:
     from regions.worker import worker_app
+    from scraper.runner import run_job
+    from scraper.verify import RegionEgress
 
-    app = worker_app("eu", "amqp://guest:guest@127.0.0.1:5672//")
+    url = "amqp://guest:guest@127.0.0.1:5672//"
+    app = worker_app("eu", run_job, RegionEgress(None, None), url)
     assert app.conf.worker_send_task_events is False
-    on = worker_app("eu", "amqp://guest:guest@127.0.0.1:5672//", events=True)
+    on = worker_app("eu", run_job, RegionEgress(None, None), url, events=True)
     assert on.conf.worker_send_task_events is True

@@ -1,0 +1,113 @@
+"""Distributed runs (scraper/frontier.py, scraper/distributed.py): one crawl, many workers.
+
+The first tests drive the runner directly (real crawl children, real Redis);
+the last ones run real `geoscrape worker` and `geoscrape ingest` processes on
+a fresh vhost, and kill one worker with SIGKILL mid-crawl.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import uuid
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from regions.messages import ItemBatch, Job, RunFinished
+from scheduler.config import Config
+from scraper.distributed import add_stats, find_open_run
+from scraper.frontier import Entry, Frontier, connect, run_key
+from scraper.runner import run_job
+from tests.harness import wait_until
+from tests.pagesite import PageSite, serve_pages
+
+FIELDS = {"id": {"css": ".id::text"}, "title": {"css": "h1::text"}}
+
+
+def distributed_config(url: str, pages: int) -> dict[str, Any]:
+    config = Config.model_validate(
+        {
+            "regions": {"eu": {}},
+            "defaults": {"allow_hosts": ["127.0.0.1"]},
+            "sites": [
+                {
+                    "name": "pages",
+                    "regions": ["eu"],
+                    "start_urls": [f"{url}/p/0.html"],
+                    "follow": {"allow": ["/p/"]},
+                    "extract": {"key": "id", "fields": FIELDS},
+                    "politeness": {"delay": 0, "concurrency": 2, "robots": "ignore"},
+                    "limits": {"max_depth": 30, "timeout": "5s", "max_pages": pages + 10},
+                    "distributed": True,
+                }
+            ],
+        }
+    )
+    return config.resolved_site("pages").model_dump(mode="json")
+
+
+# -- the frontier itself ---------------------------------------------------------
+
+
+def test_a_lapsed_lease_goes_back_to_the_queue(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GEOSCRAPE_FRONTIER_LEASE", "0.5")
+    run = str(uuid.uuid4())
+    one, two = Frontier(run), Frontier(run)
+    entry = Entry.make("http://a.example/1", "fp1", {"depth": 2, "cookiejar": 3})
+    assert one.add(entry) and not two.add(entry)  # seen, whoever found it
+    taken = one.take()
+    assert taken is not None and taken.meta == {"depth": 2}
+    assert two.take() is None and two.pending()  # leased, not popped
+    again = wait_until(two.take, timeout=10, what="the lease to lapse")
+    assert again.raw == taken.raw
+    two.ack(again.raw)
+    assert not one.pending()
+
+
+def test_stats_add_up() -> None:
+    from regions.messages import RunStats
+
+    own = RunStats(pages=3, items=2, status_codes={"200": 3}, duration=5, peak_rss=10)
+    other = RunStats(pages=4, items=4, status_codes={"200": 3, "404": 1}, peak_rss=20)
+    total = add_stats(own, [other])
+    assert (total.pages, total.items, total.duration, total.peak_rss) == (7, 6, 5, 20)
+    assert total.status_codes == {"200": 6, "404": 1}
+
+
+# -- owner and participant through the runner --------------------------------------
+
+
+def test_owner_and_participant_fetch_every_page_once(redis_prefix: str) -> None:
+    with serve_pages(PageSite(pages=60, delay=0.1)) as site:
+        job = Job(
+            run_id=str(uuid.uuid4()),
+            site="pages",
+            region="eu",
+            config=distributed_config(site.url, 60),
+        )
+        owner_out: list[BaseModel] = []
+        helper_out: list[BaseModel] = []
+        helper: list[RunFinished] = []
+        owner = threading.Thread(
+            target=lambda: run_job(job, owner_out.append, worker="eu@a", timeout=120)
+        )
+        owner.start()
+        client = connect()
+        wait_until(lambda: find_open_run(client, "eu"), timeout=60, what="the open run")
+        helper.append(run_job(job, helper_out.append, worker="eu@b", participant=True))
+        owner.join(timeout=120)
+        hits = collections.Counter(h.path for h in site.page_hits())
+    finished = owner_out[-1]
+    assert isinstance(finished, RunFinished) and finished.status == "succeeded", finished
+    assert hits == {f"/p/{n}.html": 1 for n in range(60)}
+    assert helper[0].stats.pages > 0 and helper[0].stats.pages < 60
+    assert finished.stats.pages == 60 and finished.stats.items == 60
+    keys = {i.key for m in owner_out + helper_out if isinstance(m, ItemBatch) for i in m.items}
+    assert keys == {str(n) for n in range(60)}
+    assert not any(isinstance(m, RunFinished) for m in helper_out)  # only the owner's counts
+    assert client.exists(run_key(job.run_id, "closed"))
+    assert not client.exists(run_key(job.run_id, "queue"))
