@@ -32,6 +32,14 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
             value = getattr(detail, name)
             out.print(f"{name}: {value.isoformat() if value else '-'}", highlight=False)
         out.print(f"worker: {detail.worker or '-'} (egress {detail.egress or '-'})", markup=False)
+        if detail.attestation is not None:
+            exits = ", ".join(
+                f"{e.get('proxy')} from {e.get('address') or '?'}"
+                for e in detail.attestation.get("exits", [])
+            )
+            verified = "verified" if detail.attestation.get("verified") else "unverified"
+            out.print(f"exits: {exits or 'direct'} ({verified})", markup=False, highlight=False)
+        out.print(f"code: {detail.code_version or '-'}", markup=False, highlight=False)
         out.print(f"stats: {json.dumps(detail.stats, sort_keys=True)}", markup=False)
         out.print(f"limits reached: {', '.join(detail.limits_reached) or 'none'}", markup=False)
         # The error in full, as recorded: never cut.

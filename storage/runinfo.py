@@ -34,6 +34,10 @@ class RunDetail(BaseModel):
     finished_at: datetime | None
     worker: str | None
     egress: str | None  # the worker's source address towards the broker, when known
+    # Where the run's traffic left from (regions.messages.EgressAttestation), and
+    # the deployed code it ran: None for runs from before either existed.
+    attestation: dict[str, Any] | None = None
+    code_version: str | None = None
     attempts: int
     stats: dict[str, Any]
     error: str | None  # complete, never cut
@@ -92,6 +96,8 @@ def run_detail(session: Session, run_id: str) -> RunDetail:
         finished_at=run.finished_at,
         worker=run.worker,
         egress=egress,
+        attestation=dict(run.egress) if run.egress is not None else None,
+        code_version=run.code_version,
         attempts=run.attempts,
         stats=run.stats or {},
         error=run.error,
