@@ -273,6 +273,9 @@ def _bring_up(stack: Stack) -> None:
             lambda: central.states().get("gscentral_rabbitmq_1") == "running (healthy)",
             deadline=240,
         )
+        # Healthy means the rabbit app runs; await_startup makes sure of it anyway,
+        # since import_definitions fails outright while the app boots.
+        central.run("exec", "-T", "rabbitmq", "rabbitmqctl", "await_startup", timeout=240)
         central.run(
             "exec", "-T", "rabbitmq", "rabbitmqctl", "import_definitions", "--format", "json",
             input=definitions,

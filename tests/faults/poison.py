@@ -1,6 +1,7 @@
 """A test-only spider that kills its worker while a flag file exists (a poison job).
 
-The crawl process's parent is the `geoscrape worker` itself, so SIGKILL to it
+With GEOSCRAPE_WARM_CHILDREN=0 the crawl process's parent is the `geoscrape
+worker` itself (not the warm fork server), so SIGKILL to it
 takes the worker down (and, by PR_SET_PDEATHSIG, this process with it): every
 delivery of the job kills whichever worker runs it. Removing the flag file is
 the "fix"; the spider then fetches one page and yields one item.

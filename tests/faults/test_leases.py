@@ -56,6 +56,9 @@ sites:
 def lease_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GEOSCRAPE_RUN_LEASE", str(LEASE))
     monkeypatch.setenv("GEOSCRAPE_MAX_ATTEMPTS", str(MAX_ATTEMPTS))
+    # Fresh crawl processes: the poison spider kills its parent, which must be the
+    # worker itself, not the warm fork server a crawl would otherwise fork from.
+    monkeypatch.setenv("GEOSCRAPE_WARM_CHILDREN", "0")
 
 
 def test_a_poison_job_is_dead_after_exactly_max_attempts_then_requeued(
