@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["regions", "scheduler", "scraper", "storage", "geoscrape"]
+PACKAGES = ["regions", "scheduler", "scraper", "storage", "geoscrape", "dashboard"]
 
 # Every GEOSCRAPE_* name in the code, classified. A new one fails
 # test_every_environment_variable_the_code_reads_is_classified until added here.
@@ -53,9 +53,29 @@ OPTIONAL = {
     "GEOSCRAPE_LOG_LEVEL",
     "GEOSCRAPE_LOG_FILE",
     "GEOSCRAPE_LOG_FORMAT",
+    # workers: a Chromium not on PATH (docs/BROWSER.md); deployed code bundles
+    # (docs/PROJECTS.md); distributed runs and warm crawl processes (docs/SCALE.md)
+    "GEOSCRAPE_CHROMIUM",
+    "GEOSCRAPE_CODE_URL",
+    "GEOSCRAPE_CODE_TOKEN",
+    "GEOSCRAPE_CODE_CACHE",
+    "GEOSCRAPE_FRONTIER_LEASE",
+    "GEOSCRAPE_WARM_CHILDREN",
+    # the API: the dashboard's requeue button (docs/DASHBOARD.md)
+    "GEOSCRAPE_API_WRITE_TOKEN",
 }
-PREFIXES = {"GEOSCRAPE_BROKER_PASSWORD_"}  # + REGION: set for `broker provision`
-NOT_ENVIRONMENT = {"GEOSCRAPE_MAX_PAGES", "GEOSCRAPE_MAX_DEPTH"}  # Scrapy settings names
+PREFIXES = {
+    "GEOSCRAPE_BROKER_PASSWORD_",  # + REGION: set for `broker provision`
+    "GEOSCRAPE_CODE_TOKEN_",  # + REGION: the API's per-region code tokens
+}
+NOT_ENVIRONMENT = {
+    "GEOSCRAPE_MAX_PAGES",  # Scrapy settings names
+    "GEOSCRAPE_MAX_DEPTH",
+    "GEOSCRAPE_SOURCE_ADDRESS",
+    "GEOSCRAPE_MIDDLEWARES",  # a Python constant
+    "GEOSCRAPE_CODE_PATH",  # set by the worker for its crawl child only
+    "GEOSCRAPE_EGRESS",
+}
 
 
 def load(path: str) -> dict[str, Any]:
