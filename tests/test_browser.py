@@ -133,8 +133,8 @@ class BrowserRun:
         spawned: list[subprocess.Popen[bytes]] = []
         real_spawn = runner.spawn_child
 
-        def spawn() -> subprocess.Popen[bytes]:
-            proc = real_spawn()
+        def spawn(*args: Any, **kwargs: Any) -> Any:
+            proc = real_spawn(*args, **kwargs)
             spawned.append(proc)
             return proc
 
