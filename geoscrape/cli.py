@@ -18,7 +18,6 @@ from geoscrape import (
     cli_reliability,
     cli_schedule,
     cli_story,
-    cli_trust,
     output,
 )
 from geoscrape.clikit import DEFAULT_CONFIG, ConfigOption, database_url, err, out, sessions
@@ -377,7 +376,7 @@ def dev_shop(
     serve_main(["--host", host, "--port", str(port), "--products", str(products)])
 
 
-for area in (cli_schedule, cli_regions, cli_query, cli_reliability, cli_trust):
+for area in (cli_schedule, cli_regions, cli_query, cli_reliability):
     area.register(app)
 cli_story.register(app, runs_app)
 

@@ -70,8 +70,19 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         if not found.fetches:
             out.print(f"no fetches of run {found.run_id} match", highlight=False)
             return
-        table = Table("status", "bytes", "url", "error", title=f"Fetches of run {found.run_id}")
+        table = Table(
+            "sample", "status", "bytes", "url", "sha256", "block", "error",
+            title=f"Fetches of run {found.run_id}",
+        )  # fmt: skip
         for f in found.fetches:
             url = f.url if not f.final_url else f"{f.url} -> {f.final_url}"
-            table.add_row(str(f.status or "-"), str(f.bytes), url, f.error or "")
+            table.add_row(
+                str(f.sample),
+                str(f.status or "-"),
+                str(f.bytes),
+                url,
+                (f.sha256 or "-")[:16],
+                f.block or "-",
+                f.error or "",
+            )
         out.print(table)

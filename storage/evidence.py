@@ -1,6 +1,6 @@
-"""Evidence of what a run fetched: its fetches with digests, and its bodies as WARC.
+"""Evidence of what a run fetched: its bodies as WARC (its fetches with digests:
+storage.runinfo.run_fetches).
 
-    rows = run_fetches(session, run_id)                  # `geoscrape fetches RUN`
     n = write_warc(session, site, run_id, "run.warc.gz")  # `export --kind warc --run RUN`
 
 A WARC holds one ``response`` record per kept body (sites with
@@ -17,28 +17,15 @@ import os
 from io import BytesIO
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Integer, literal, select, union_all
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from storage.errors import NotFoundError, QueryError
-from storage.models import bodies, fetch_samples, fetches, runs
+from storage.models import bodies, runs
 
 DROPPED_HEADERS = frozenset({"content-encoding", "transfer-encoding", "content-length"})
-
-
-class FetchRow(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    url: str
-    sample: int
-    status: int | None
-    bytes: int
-    sha256: str | None
-    block: str | None
-    final_url: str | None
-    error: str | None
 
 
 def _run(session: Session, run_id: str) -> tuple[str, str]:
@@ -46,37 +33,6 @@ def _run(session: Session, run_id: str) -> tuple[str, str]:
     if found is None:
         raise NotFoundError(f"no run {run_id!r} in the store")
     return found.site, found.region
-
-
-def run_fetches(session: Session, run_id: str) -> list[FetchRow]:
-    """Every fetch of the run, each sample's, in the order they were stored."""
-    _run(session, run_id)
-    cols = ("url", "status", "bytes", "sha256", "block", "final_url", "error")
-    first = select(
-        *(fetches.c[c] for c in cols),
-        fetches.c.id.label("n"),
-        literal(0, Integer).label("sample"),
-    ).where(fetches.c.run_id == run_id)
-    more = select(
-        *(fetch_samples.c[c] for c in cols),
-        fetch_samples.c.id.label("n"),
-        fetch_samples.c.sample,
-    ).where(fetch_samples.c.run_id == run_id)
-    both = union_all(first, more).subquery()
-    stmt = select(both).order_by(both.c.sample, both.c.n)
-    return [
-        FetchRow(
-            url=r.url,
-            sample=r.sample,
-            status=r.status,
-            bytes=r.bytes,
-            sha256=r.sha256,
-            block=r.block,
-            final_url=r.final_url,
-            error=r.error,
-        )
-        for r in session.execute(stmt)
-    ]
 
 
 def _status_line(status: int) -> str:

@@ -11,11 +11,11 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import or_, select
+from sqlalchemy import Integer, String, literal, null, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from storage.errors import NotFoundError, QueryError
-from storage.models import Run, Worker, fetches
+from storage.models import Run, Worker, fetch_samples, fetches
 
 # "4xx", "5xx", "404", or "error" (no HTTP response at all).
 STATUS_FILTER = re.compile(r"^(?:[1-9]xx|[1-9][0-9]{2})$")
@@ -47,11 +47,15 @@ class RunDetail(BaseModel):
 
 class FetchDetail(BaseModel):
     url: str
+    sample: int = 0  # compare.samples: 0 is the run's own fetch, 1.. the extra samples
     status: int | None
     bytes: int
     error: str | None
     final_url: str | None
     fetched_at: datetime
+    sha256: str | None = None  # of the body as received
+    block: str | None = None  # the block signature the response matched
+    exit_address: str | None = None  # the egress exit it left through, when known
 
 
 class FetchList(BaseModel):
@@ -118,31 +122,35 @@ def run_fetches(
     (no HTTP response, or a status of 400 and above)."""
     check_status_filter(status)
     run = find_run(session, run_id)
-    stmt = select(fetches).where(fetches.c.run_id == run.id)
+    cols = ("url", "status", "bytes", "error", "final_url", "fetched_at", "sha256", "block")
+    first = select(
+        *(fetches.c[c] for c in cols),
+        fetches.c.exit_address,
+        fetches.c.id.label("n"),
+        literal(0, Integer).label("sample"),
+    ).where(fetches.c.run_id == run.id)
+    more = select(  # the extra samples of compare.samples (storage.models.fetch_samples)
+        *(fetch_samples.c[c] for c in cols),
+        null().cast(String).label("exit_address"),
+        fetch_samples.c.id.label("n"),
+        fetch_samples.c.sample,
+    ).where(fetch_samples.c.run_id == run.id)
+    both = union_all(first, more).subquery()
+    stmt = select(both)
     if status is not None:
         if status.endswith("xx"):
             low = int(status[0]) * 100
-            stmt = stmt.where(fetches.c.status >= low, fetches.c.status < low + 100)
+            stmt = stmt.where(both.c.status >= low, both.c.status < low + 100)
         else:
-            stmt = stmt.where(fetches.c.status == int(status))
+            stmt = stmt.where(both.c.status == int(status))
     if errors:
         stmt = stmt.where(
-            or_(fetches.c.status.is_(None), fetches.c.status >= 400, fetches.c.error.is_not(None))
+            or_(both.c.status.is_(None), both.c.status >= 400, both.c.error.is_not(None))
         )
-    rows = session.execute(stmt.order_by(fetches.c.fetched_at, fetches.c.id)).mappings()
+    rows = session.execute(stmt.order_by(both.c.sample, both.c.fetched_at, both.c.n)).mappings()
     return FetchList(
         run_id=run.id,
         site=run.site,
         region=run.region,
-        fetches=[
-            FetchDetail(
-                url=r["url"],
-                status=r["status"],
-                bytes=r["bytes"],
-                error=r["error"],
-                final_url=r["final_url"],
-                fetched_at=r["fetched_at"],
-            )
-            for r in rows
-        ],
+        fetches=[FetchDetail.model_validate(dict(r)) for r in rows],
     )

@@ -148,7 +148,7 @@ def test_samples_tell_an_ab_test_from_a_regional_difference_and_warc_keeps_the_e
 
         # Evidence: every fetch has its digest; the run's bodies read back from WARC.
         eu_run = next(r for r in two["runs"] if r["region"] == "eu")["run_id"]
-        fetched = json.loads(s.cli("fetches", eu_run, "--format", "json").stdout)
+        fetched = json.loads(s.cli("fetches", eu_run, "--format", "json").stdout)["fetches"]
         assert [(f["sample"], f["status"], f["block"]) for f in fetched] == [
             (0, 200, None),
             (1, 200, None),

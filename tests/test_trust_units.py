@@ -312,8 +312,8 @@ def test_alerts_are_enqueued_once_per_reason_within_every(
 def test_samples_digests_and_bodies_are_stored_apart(sessions: sessionmaker[Session]) -> None:
     from regions.messages import Fetch
     from storage.compare import extra_samples
-    from storage.evidence import run_fetches
     from storage.models import bodies, items, observations
+    from storage.runinfo import run_fetches
 
     ids = {"run_id": "r", "site": "shop", "region": "eu"}
     digest = "ab" * 32
@@ -337,7 +337,7 @@ def test_samples_digests_and_bodies_are_stored_apart(sessions: sessionmaker[Sess
         assert session.execute(select(items.c.data)).scalars().all() == [{"price": 1.0}]
         assert len(session.execute(select(observations.c.id)).all()) == 1
         assert extra_samples(session, "r") == {"k": [{"price": 2.0}]}
-        assert [(f.sample, f.sha256, f.block) for f in run_fetches(session, "r")] == [
+        assert [(f.sample, f.sha256, f.block) for f in run_fetches(session, "r").fetches] == [
             (0, digest, None),
             (1, digest, "recaptcha"),
         ]
