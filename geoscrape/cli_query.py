@@ -239,7 +239,7 @@ def register(app: typer.Typer) -> None:
         if run is not None:
             raise QueryError("export: --run applies to --kind warc only")
 
-        when = parse_since(since, what="--since") if since is not None else None
+        when = parse_since(since, what="since") if since is not None else None
         with sessions()() as session:
             count = run_export(
                 session,

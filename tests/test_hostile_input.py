@@ -146,7 +146,7 @@ def test_cli_filters_out_of_range_are_one_line(sqlite_url: str, tmp_path: Path) 
     build_store(sqlite_url)
     done = cli(sqlite_url, "changes", "shop", "--since", "1000000d")
     assert done.returncode == 2, (done.stdout, done.stderr)
-    assert done.stderr.strip() == "error: --since: '1000000d' reaches before the year 1"
+    assert done.stderr.strip() == "error: since: '1000000d' reaches before the year 1"
     # A usage error: click's own message, still no traceback.
     done = cli(sqlite_url, "runs", "--limit", "99999999999999999999")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
