@@ -156,6 +156,9 @@ FINAL_STATS = {
     "status_codes": {"200": 3},
     "peak_rss": 0,
     "dropped": 0,
+    "rate_wait": 0.0,
+    "rate_pauses": 0,
+    "rate_strikes": 0,
 }
 
 
@@ -392,6 +395,9 @@ def test_progress_replaces_stats_while_running(sessions: sessionmaker[Session]) 
         "status_codes": {},
         "peak_rss": 0,
         "dropped": 0,
+        "rate_wait": 0.0,
+        "rate_pauses": 0,
+        "rate_strikes": 0,
     }
 
 
