@@ -6,7 +6,6 @@ The API runs as a real `geoscrape api` process over a store filled by ingest.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -32,23 +31,29 @@ BILLION_LAUGHS = "\n".join(
 )
 
 
-def _check_costs(path: Path) -> tuple[subprocess.CompletedProcess[str], float, int]:
-    """Run `geoscrape check PATH`; return the result, CPU seconds and peak RSS (KiB)
-    of that process alone (os.wait4 reports the child's own rusage). CPU time, not
-    wall time: the machine may be busy with other work."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "geoscrape.cli", "check", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+# Runs a command and prints its peak RSS (KiB) as the last line of stderr. A
+# fresh, small process forks the command: ru_maxrss of a child forked straight
+# from pytest would count pytest's own memory, which the fork shares until exec.
+_PEAK = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[1:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "print(usage.ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
+def _check_costs(path: Path) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run `geoscrape check PATH`; return the result and that process's peak RSS (KiB)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, sys.executable, "-m", "geoscrape.cli", "check", str(path)],
+        capture_output=True,
         text=True,
+        timeout=120,
     )
-    _, status, usage = os.wait4(proc.pid, 0)
-    cpu = usage.ru_utime + usage.ru_stime
-    assert proc.stdout is not None and proc.stderr is not None
-    out, err = proc.stdout.read(), proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return done, cpu, usage.ru_maxrss
+    *err, peak = done.stderr.rstrip("\n").split("\n")
+    result = subprocess.CompletedProcess(done.args, done.returncode, done.stdout, "\n".join(err))
+    return result, int(peak)
 
 
 @pytest.mark.parametrize(
@@ -62,7 +67,7 @@ def _check_costs(path: Path) -> tuple[subprocess.CompletedProcess[str], float, i
 def test_yaml_bombs_are_one_line_fast_and_small(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "sites.yaml"
     path.write_text(text)
-    done, _, peak_kib = _check_costs(path)
+    done, peak_kib = _check_costs(path)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1, done.stderr
     assert len(lines) == 1 and lines[0].startswith(f"{path}:") and message in lines[0], lines
@@ -84,7 +89,7 @@ def test_yaml_bombs_are_one_line_fast_and_small(tmp_path: Path, text: str, messa
 def test_an_oversized_config_is_refused_before_parsing(tmp_path: Path) -> None:
     path = tmp_path / "sites.yaml"
     path.write_text("regions: {eu: {}}\n" + "# padding\n" * 500_000)
-    done, _, _ = _check_costs(path)
+    done, _ = _check_costs(path)
     assert done.returncode == 1
     assert done.stderr.strip() == (
         f"{path}: the config is 5,000,018 characters; the limit is 4,194,304"
