@@ -53,7 +53,7 @@ class RunRow:
             started_at=run.started_at,
             finished_at=run.finished_at,
             worker=run.worker,
-            stats=dict(run.stats),
+            stats=dict(run.stats or {}),
             error=run.error,
             code_version=run.code_version,
             egress=dict(run.egress) if run.egress is not None else None,

@@ -6,6 +6,7 @@ A run id may be given by a unique prefix, as `geoscrape dead requeue` takes it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from storage.errors import NotFoundError, QueryError
 from storage.models import Run, Worker, fetch_samples, fetches
+from storage.queries import RunRow
 
 # "4xx", "5xx", "404", or "error" (no HTTP response at all).
 STATUS_FILTER = re.compile(r"^(?:[1-9]xx|[1-9][0-9]{2})$")
@@ -85,26 +87,17 @@ def find_run(session: Session, run_id: str) -> Run:
 
 def run_detail(session: Session, run_id: str) -> RunDetail:
     run = find_run(session, run_id)
-    egress = None
+    address = None
     if run.worker:
-        egress = session.scalar(select(Worker.egress).where(Worker.name == run.worker))
+        address = session.scalar(select(Worker.egress).where(Worker.name == run.worker))
+    # The listing's row (storage.queries.RunRow) plus what only the full story shows;
+    # its `egress` (the attestation) is `attestation` here, `egress` the worker's address.
+    row = dataclasses.asdict(RunRow.of(run))
     return RunDetail(
-        id=run.id,
-        site=run.site,
-        region=run.region,
-        trigger=run.trigger,
-        tick=run.tick,
-        status=run.status,
-        queued_at=run.queued_at,
-        started_at=run.started_at,
-        finished_at=run.finished_at,
-        worker=run.worker,
-        egress=egress,
-        attestation=dict(run.egress) if run.egress is not None else None,
-        code_version=run.code_version,
+        **{k: v for k, v in row.items() if k != "egress"},
+        egress=address,
+        attestation=row["egress"],
         attempts=run.attempts,
-        stats=run.stats or {},
-        error=run.error,
         limits_reached=LIMIT_NOTE.findall(run.error or ""),
         config=(run.job or {}).get("config"),
     )
