@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from geoscrape import (
+    cli_cancel,
     cli_query,
     cli_regions,
     cli_reliability,
@@ -165,6 +166,7 @@ def worker(
     """
     from regions.bus import check_broker
     from regions.worker import CrawlPool, check_region, run_worker
+    from scheduler.cancel import CancelMarks
     from scheduler.loader import load_config
     from scraper.chromium import check_browser_sites
     from scraper.code import CodeCache
@@ -193,6 +195,7 @@ def worker(
         events=events,
         stop_timeout=stop_timeout,
         pool=CrawlPool(start_warm=start_warm_children, stop_warm=stop_warm_children, joiner=Joiner),
+        cancelled=CancelMarks(),
     )
 
 
@@ -379,6 +382,7 @@ def dev_shop(
 for area in (cli_schedule, cli_regions, cli_query, cli_reliability):
     area.register(app)
 cli_story.register(app, runs_app)
+cli_cancel.register(app)
 
 ERRORS = (GeoscrapeError, SchedulerError, RegionsError, ScraperError, StorageError)
 

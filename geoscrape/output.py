@@ -29,6 +29,7 @@ STATUS_STYLE = {
     "degraded": "magenta",
     "running": "yellow",
     "queued": "blue",
+    "cancelled": "dim",
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RegionsError(Exception):
     """Root of every error raised by the regions package."""
@@ -42,8 +44,9 @@ class CrawlAborted(RegionsError):
     RunFinished was: the caller decides what becomes of the run.
     """
 
-    def __init__(self, run_id: str, pages: int, items: int) -> None:
+    def __init__(self, run_id: str, pages: int, items: int, stats: Any = None) -> None:
         super().__init__(f"run {run_id}: crawl aborted after {pages} pages, {items} items")
         self.run_id = run_id
         self.pages = pages
         self.items = items
+        self.stats = stats  # the crawl's RunStats so far (None: unknown)

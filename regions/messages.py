@@ -23,13 +23,22 @@ Count = Annotated[int, Field(ge=0, le=MAX_INT64)]
 # skipped: the scheduler did not dispatch a tick (overlap); expired: no worker
 # started the job in time; dead: the job was dead-lettered after failing repeatedly;
 # degraded: the crawl succeeded but failed one of the site's `expect:` checks
-# (set centrally by storage/monitors.py, never sent by a worker).
-FinalStatus = Literal["succeeded", "failed", "skipped", "expired", "dead", "degraded"]
+# (set centrally by storage/monitors.py, never sent by a worker); cancelled:
+# `geoscrape cancel` (scheduler/cancel.py).
+FinalStatus = Literal["succeeded", "failed", "skipped", "expired", "dead", "degraded", "cancelled"]
 RunStatus = Literal[
-    "queued", "running", "succeeded", "failed", "skipped", "expired", "dead", "degraded"
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "skipped",
+    "expired",
+    "dead",
+    "degraded",
+    "cancelled",
 ]
 FINAL_STATUSES: frozenset[str] = frozenset(
-    {"succeeded", "failed", "skipped", "expired", "dead", "degraded"}
+    {"succeeded", "failed", "skipped", "expired", "dead", "degraded", "cancelled"}
 )
 
 
@@ -300,4 +309,25 @@ def expired_run(job: Job, at: datetime | None = None) -> RunFinished:
         finished_at=at or utcnow(),
         stats=RunStats(),
         error=f"expired: no worker in region {job.region!r} started it before {deadline}",
+    )
+
+
+def cancelled_run(
+    run_id: str,
+    site: str,
+    region: str,
+    reason: str,
+    stats: RunStats | None = None,
+    at: datetime | None = None,
+) -> RunFinished:
+    """The verdict on a cancelled run, from the CLI or from the worker that dropped
+    or aborted its job (`stats`: what the crawl did before it was aborted)."""
+    return RunFinished(
+        run_id=run_id,
+        site=site,
+        region=region,
+        status="cancelled",
+        finished_at=at or utcnow(),
+        stats=stats or RunStats(),
+        error=f"cancelled: {reason}",
     )

@@ -42,6 +42,7 @@ from regions.messages import (
     RunFinished,
     RunProgress,
     RunReleased,
+    cancelled_run,
     dump,
     expired_run,
     utcnow,
@@ -208,6 +209,7 @@ def worker_app(
     source_address: str | None = None,
     events: bool = False,
     control: StopControl | None = None,
+    cancelled: Callable[[str], bool] | None = None,
 ) -> Celery:
     """A Celery app whose only task crawls jobs of `region` with `run_job`, through its egress.
 
@@ -216,7 +218,12 @@ def worker_app(
 
     `control` (regions/stopping.py) aborts crawls on a second stop signal:
     the run is then handed back (RunReleased) rather than finished.
+
+    `cancelled(run_id)` says whether `geoscrape cancel` marked the run
+    (scheduler.cancel.CancelMarks, handed in by the CLI): such a job is dropped
+    when delivered, and its crawl aborted while it runs.
     """
+    is_cancelled = cancelled or (lambda _run_id: False)
     app = make_app(url, regions=[region], declare=False)
     if events:
         app.conf.update(worker_send_task_events=True, task_send_sent_event=True)
@@ -238,6 +245,12 @@ def worker_app(
             job = job.model_copy(
                 update={"config": {**job.config, "source_address": source_address}}
             )
+        if is_cancelled(job.run_id):
+            log.info("run %s: cancelled before it started, not run", job.run_id)
+            with connect(app.conf.broker_url) as conn:
+                reason = f"dropped by {name} before it started"
+                publish_ingest(conn, dump(cancelled_run(job.run_id, job.site, region, reason)))
+            raise RunNotSucceeded(f"run {job.run_id} cancelled")
         if job.expires_at is not None and utcnow() >= job.expires_at:
             # Its site's next tick came first: record it as expired, never run it late.
             log.info("run %s: expired at %s, not run", job.run_id, job.expires_at.isoformat())
@@ -278,9 +291,16 @@ def worker_app(
                         on_started=lambda: ack_delivery(task_id),
                         egress=child_egress,
                         attestation=attestation,
-                        should_abort=stop.abort.is_set,
+                        should_abort=lambda: stop.abort.is_set() or is_cancelled(job.run_id),
                     )
             except CrawlAborted as aborted:
+                if is_cancelled(job.run_id):
+                    reason = f"crawl aborted by {name} after {aborted.pages} pages, items kept"
+                    publish(
+                        cancelled_run(job.run_id, job.site, region, reason, stats=aborted.stats)
+                    )
+                    log.warning("run %s: cancelled; %s", job.run_id, aborted)
+                    raise RunNotSucceeded(f"run {job.run_id} cancelled") from None
                 publish(
                     RunReleased(
                         run_id=job.run_id,
@@ -366,6 +386,7 @@ def run_worker(
     events: bool = False,
     stop_timeout: float = DEFAULT_STOP_TIMEOUT,
     pool: CrawlPool | None = None,
+    cancelled: Callable[[str], bool] | None = None,
 ) -> None:
     """Run a worker for `region` in the foreground until stopped (SIGTERM/SIGINT).
 
@@ -385,6 +406,7 @@ def run_worker(
         source_address=source_address,
         events=events,
         control=control,
+        cancelled=cancelled,
     )
     wait_for_topology(app.conf.broker_url, region)
     warm = _start_warm_children(pool)

@@ -405,7 +405,7 @@ def run_job(
     ack_releases()
     if aborted:
         snapshot = stats.snapshot()
-        raise CrawlAborted(job.run_id, snapshot.pages, snapshot.items)
+        raise CrawlAborted(job.run_id, snapshot.pages, snapshot.items, snapshot)
     status: str
     final_stats: RunStats
     if done is not None:

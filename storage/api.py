@@ -1,6 +1,7 @@
 """The read-only HTTP API (FastAPI): the same queries as the CLI, as JSON.
 
-    geoscrape api --host 127.0.0.1 --port 8080     # docs at /docs, schema at /openapi.json
+    geoscrape api --host 127.0.0.1 --port 8080     # docs at /docs and /redoc (served
+                                                   # offline), schema at /openapi.json
 
 Every list is paged with ``limit`` (1..1000) and ``offset`` and answers
 ``{"data": [...], "limit", "offset", "next_offset"}``; compare and changes
@@ -29,6 +30,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -156,7 +158,9 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
     factory: sessionmaker[Session] = session_factory(guard_engine(make_engine(url), url))
     secret = token if token is not None else os.environ.get(TOKEN_ENV) or None
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from assets in the fastapi-offline package, not a CDN:
+    # /docs and /redoc work on a machine without internet.
+    app = FastAPIOffline(
         title="geoscrape",
         version="1",
         description="Read-only queries of the geoscrape store: runs, items, cross-region "

@@ -217,6 +217,15 @@ def _apply_progress(session: Session, msg: RunProgress) -> None:
 
 def _apply_finished(session: Session, msg: RunFinished) -> None:
     current = session.scalar(select(runs.c.status).where(runs.c.id == msg.run_id))
+    if current == "cancelled" and msg.status == "cancelled":
+        # The CLI's cancel comes first, the worker's abort (with what the crawl
+        # did) after it: the later one's stats win, in whatever order they arrive.
+        session.execute(
+            update(runs)
+            .where(runs.c.id == msg.run_id, runs.c.finished_at < msg.finished_at)
+            .values(finished_at=msg.finished_at, stats=msg.stats.model_dump(mode="json"))
+        )
+        return
     if current is not None and status_rank(current) >= FINAL_RANK:
         return  # the first final status wins; a redelivery (or a late verdict) changes nothing
     site = _job_site(session, msg.run_id)

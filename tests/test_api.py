@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -68,7 +69,19 @@ def test_api_answers_like_the_cli(db_url: str) -> None:
         assert {"/sites", "/runs", "/sites/{site}/compare", "/sites/{site}/history"} <= set(
             schema["paths"]
         )
-        assert get(base, "/docs").status_code == 200
+        # The docs pages load their assets from the API itself: they work offline.
+        for page, assets in (
+            ("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")),
+            ("/redoc", ("redoc.standalone.js",)),
+        ):
+            html = get(base, page)
+            assert html.status_code == 200, page
+            sources = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+            assert sources and all(s.startswith("/") for s in sources), (page, sources)
+            for asset in assets:
+                path = next(s for s in sources if s.endswith(asset))
+                served = get(base, path)
+                assert served.status_code == 200 and len(served.content) > 10_000, path
 
 
 def test_api_errors_are_json_with_a_message(sqlite_url: str) -> None:
@@ -76,8 +89,8 @@ def test_api_errors_are_json_with_a_message(sqlite_url: str) -> None:
     with api_server(sqlite_url) as base:
         cases = [
             ("/runs", {"status": "sleeping"}, 400,
-             "status: 'sleeping' is not a run status (one of: dead, degraded, expired, failed, "
-             "queued, running, skipped, succeeded)"),
+             "status: 'sleeping' is not a run status (one of: cancelled, dead, degraded, "
+             "expired, failed, queued, running, skipped, succeeded)"),
             ("/runs", {"since": "last week"}, 400,
              "since: 'last week' is neither a duration (30m, 12h, 1d, 2w) nor an ISO date/time"),
             ("/runs", {"limit": "0"}, 400,

@@ -26,6 +26,7 @@ from regions.messages import (
     RunStarted,
     RunStats,
     ScrapedItem,
+    cancelled_run,
 )
 from storage.db import database_url, make_engine, normalize_url, session_factory
 from storage.errors import SchemaError, StorageError, UnsupportedDatabaseError
@@ -665,3 +666,23 @@ def test_queries(sessions: sessionmaker[Session]) -> None:
             ("https://s/1", 1001),
         ]
         assert list_fetches(session, "r3") == []
+
+
+def test_a_cancelled_run_keeps_the_later_cancel_verdicts_stats(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The CLI's cancel and the worker's abort may reach ingest in either order:
+    the run is cancelled once, with the stats of the later verdict."""
+    cli = cancelled_run("r1", "shop", "eu", "by the CLI", at=at(3))
+    worker = cancelled_run(
+        "r1", "shop", "eu", "aborted", stats=RunStats(pages=7, items=5), at=at(4)
+    )
+    for order in ((cli, worker), (worker, cli)):
+        with sessions.begin() as session:
+            session.execute(runs.delete())
+        apply(sessions, queued("r1"), started("r1"), *order, finished("r1", minute=5))
+        with sessions() as session:
+            row = session.execute(select(runs).where(runs.c.id == "r1")).mappings().one()
+        assert row["status"] == "cancelled"
+        assert row["stats"]["pages"] == 7 and row["stats"]["items"] == 5
+        assert row["error"] == order[0].error  # the first verdict's reason stays

@@ -36,6 +36,7 @@ STORE_COMMANDS = [
     ["status"],
     ["dead"],
     ["dead", "requeue", "abc"],
+    ["cancel", "abc"],
     ["db", "upgrade"],
 ]
 
