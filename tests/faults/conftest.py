@@ -75,17 +75,19 @@ class FaultRow:
     lost: int = 0
     duplicated: int = 0
     recovery: list[float] = field(default_factory=list)
+    redelivery: list[float] = field(default_factory=list)
 
     def line(self) -> str:
-        recovery = (
-            f"{statistics.median(self.recovery):.1f} s (max {max(self.recovery):.1f} s)"
-            if self.recovery
-            else "-"
-        )
         return (
             f"| {self.fault} | {self.trials} | {self.expected} | {self.lost} | "
-            f"{self.duplicated} | {recovery} |"
+            f"{self.duplicated} | {_median(self.redelivery)} | {_median(self.recovery)} |"
         )
+
+
+def _median(seconds: list[float]) -> str:
+    if not seconds:
+        return "-"
+    return f"{statistics.median(seconds):.1f} s (max {max(seconds):.1f} s)"
 
 
 class Ledger:
@@ -95,9 +97,18 @@ class Ledger:
         self.rows: dict[str, FaultRow] = {}
 
     def trial(
-        self, fault: str, *, expected: int, lost: int, duplicated: int, recovery: float | None
+        self,
+        fault: str,
+        *,
+        expected: int,
+        lost: int,
+        duplicated: int,
+        recovery: float | None,
+        redelivery: float | None = None,
     ) -> None:
         row = self.rows.setdefault(fault, FaultRow(fault))
+        if redelivery is not None:  # the job ran again elsewhere this long after the fault
+            row.redelivery.append(redelivery)
         row.trials += 1
         row.expected += expected
         row.lost += lost
@@ -107,8 +118,9 @@ class Ledger:
 
     def table(self) -> str:
         head = (
-            "| fault | trials | items expected | lost | duplicated | recovery time (median) |\n"
-            "|---|---|---|---|---|---|"
+            "| fault | trials | items expected | lost | duplicated | redelivered after (median) "
+            "| recovery time (median) |\n"
+            "|---|---|---|---|---|---|---|"
         )
         return "\n".join([head, *(row.line() for row in self.rows.values())])
 

@@ -156,11 +156,24 @@ def alive(pid: int) -> bool:
 
 
 def record(
-    ledger: Ledger, fault: str, s: Stack, run_id: str, expected: set[str], since: float
+    ledger: Ledger,
+    fault: str,
+    s: Stack,
+    run_id: str,
+    expected: set[str],
+    since: float,
+    redelivery: float | None = None,
 ) -> None:
     recovery = time.monotonic() - since
     lost, duplicated = count(s, run_id, expected)
-    ledger.trial(fault, expected=len(expected), lost=lost, duplicated=duplicated, recovery=recovery)
+    ledger.trial(
+        fault,
+        expected=len(expected),
+        lost=lost,
+        duplicated=duplicated,
+        recovery=recovery,
+        redelivery=redelivery,
+    )
     assert (lost, duplicated) == (0, 0), (
         f"{fault}: run {run_id} lost {lost}, duplicated {duplicated}"
     )
@@ -172,8 +185,10 @@ def record(
 def test_kill_9_a_worker_mid_crawl(
     deployment: Stack, shop: ShopServer, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The lease lapses, ingest's reaper requeues the job and another eu worker completes it."""
-    monkeypatch.setenv("GEOSCRAPE_RUN_LEASE", "3")  # ingest's reaper: a 3 s lease
+    """The lease lapses, ingest's reaper requeues the job and another eu worker completes it.
+
+    With the default lease (GEOSCRAPE_RUN_LEASE unset: 10 s), as deployed."""
+    monkeypatch.delenv("GEOSCRAPE_RUN_LEASE", raising=False)
     s = deployment
     expected = expected_keys(shop)
     s.ingest()
@@ -200,8 +215,27 @@ def test_kill_9_a_worker_mid_crawl(
             timeout=10,
             what="the killed worker's crawl process to die",
         )
+        wait_until(
+            lambda run_id=run_id, killed_at=killed_at: (  # type: ignore[misc]
+                (r := run_row(s, run_id)) and r.started_at and r.started_at > killed_at
+            ),
+            timeout=90,
+            interval=0.1,
+            what="another worker to start the run again",
+        )
+        redelivery = time.monotonic() - since
+        # The default lease is 10 s: redelivery well past it means the lease is not working.
+        assert redelivery < 45, f"redelivered {redelivery:.1f}s after the kill"
         wait_complete(s, run_id, expected)
-        record(ledger, "kill -9 a worker (and its crawl) mid-crawl", s, run_id, expected, since)
+        record(
+            ledger,
+            "kill -9 a worker (and its crawl) mid-crawl",
+            s,
+            run_id,
+            expected,
+            since,
+            redelivery,
+        )
         final = run_row(s, run_id)
         assert final is not None and final.status == "succeeded", final and final.error
         survivor = next(n for n in names if n != victim)
