@@ -1,4 +1,4 @@
-"""Regions made of Linux network namespaces, for tests and `geoscrape dev regions`.
+"""Regions made of Linux network namespaces, for `geoscrape dev regions` (and tests).
 
 One namespace per region, each with a veth pair to one Linux bridge on the
 host and its own /24 (10.77.<n>.0/24: the namespace is .2, the bridge .1).
@@ -7,15 +7,17 @@ site and a broker forwarder listen; each namespace has a route to that one
 /24 and nothing else: no default route, no NAT, nothing leaves the machine,
 and the namespaces cannot reach each other.
 
-    with region_network(["eu", "us"]) as net:
-        net.hosts["eu"].address            # 10.77.<n>.2, eu's source address
-        net.hosts["eu"].argv("geoscrape", "worker", "--region", "eu")
-        net.service_address                # listen here, on the host
+    net = create(["eu", "us"], tag="dev", persistent=True)
+    net.hosts["eu"].address            # 10.77.<n>.2, eu's source address
+    net.hosts["eu"].netns              # run a worker there: ip netns exec <netns> ...
+    net.service_address                # listen here, on the host
+    destroy(net)
 
-Every network has a tag (a random one per test session) in its names, and a
-state file in STATE_DIR naming its owner process; `remove_stale()` deletes
-networks whose owner died, so a killed test run leaves nothing behind for long.
-Needs root (CI runs as root); without it, creating fails with a clear error.
+Every network has a tag in its names and a state file in STATE_DIR naming its
+owner process (none for `dev regions up`); `remove_stale()` deletes networks
+whose owner died, so a killed test run leaves nothing behind for long (the
+tests' own helpers are tests/namespaces.py). Needs root (CI runs as root);
+without it, creating fails with a clear error.
 """
 
 from __future__ import annotations
@@ -53,10 +55,6 @@ class RegionHost:
     gateway: str  # the bridge's address in the region's subnet
     subnet: str
 
-    def argv(self, *command: str) -> list[str]:
-        """`command` to run inside this region's namespace."""
-        return ["ip", "netns", "exec", self.netns, *command]
-
 
 @dataclass
 class RegionNet:
@@ -67,13 +65,6 @@ class RegionNet:
     hosts: dict[str, RegionHost]
     owner_pid: int  # 0: persistent (`geoscrape dev regions up`), removed only by `down`
     links: list[str] = field(default_factory=list)  # host-side veth ends
-
-    def region_of(self, address: str) -> str | None:
-        ip = ipaddress.ip_address(address)
-        for host in self.hosts.values():
-            if ip in ipaddress.ip_network(host.subnet):
-                return host.region
-        return None
 
     def subnets(self) -> dict[str, str]:
         return {region: host.subnet for region, host in self.hosts.items()}
@@ -299,13 +290,3 @@ def remove_stale() -> list[str]:
         return []
     with _locked():
         return _remove_stale_locked()
-
-
-@contextlib.contextmanager
-def region_network(regions: Iterable[str], *, tag: str | None = None) -> Iterator[RegionNet]:
-    """A region network for the duration of the block, removed on any exit."""
-    net = create(regions, tag=tag)
-    try:
-        yield net
-    finally:
-        destroy(net)

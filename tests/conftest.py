@@ -12,8 +12,16 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+
+# Test tooling (tests/spiders.py, tests/hostilesite.py) is in the `tests` package,
+# which no install ships: the processes a test starts (workers, their crawl
+# children, from any cwd) find it through the repository root on PYTHONPATH.
+_ROOT = str(Path(__file__).resolve().parents[1])
+_paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+os.environ["PYTHONPATH"] = os.pathsep.join(_paths if _ROOT in _paths else [*_paths, _ROOT])
 
 PG_ADMIN_DSN = os.environ.get(
     "GEOSCRAPE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from geoscrape.netns import RegionHost
+from tests.namespaces import in_namespace
 
 
 @dataclass
@@ -90,7 +91,7 @@ def start_tinyproxy(
     log.touch()
     log.chmod(0o666)
     proc = subprocess.Popen(
-        host.argv(binary, "-d", "-c", str(conf)),
+        in_namespace(host, binary, "-d", "-c", str(conf)),
         stdout=subprocess.DEVNULL,
         stderr=log.open("ab"),
         stdin=subprocess.DEVNULL,
@@ -119,7 +120,7 @@ def start_dante(host: RegionHost, workdir: Path, port: int) -> Proxy:
     )
     log.touch()
     proc = subprocess.Popen(
-        host.argv(binary, "-f", str(conf), "-N", "1"),
+        in_namespace(host, binary, "-f", str(conf), "-N", "1"),
         stdout=subprocess.DEVNULL,
         stderr=log.open("ab"),
         stdin=subprocess.DEVNULL,

@@ -296,7 +296,7 @@ def test_existing_spider_runs_unchanged(shop: ShopServer, monkeypatch: pytest.Mo
     monkeypatch.setenv("GEOSHOP_URL", shop.url)
     # the spider print()s every product: stdout must not reach the event stream
     job = make_job(
-        spider="geoscrape.testsite.spiders:ShopSpider",
+        spider="tests.spiders:ShopSpider",
         extract={"key": "sku", "fields": {"sku": {"css": "x"}}},
     )
     run = Run(job)
@@ -311,7 +311,7 @@ def test_existing_spider_without_key_gets_stable_hash_keys(
     shop: ShopServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GEOSHOP_URL", shop.url)
-    job = make_job(spider="geoscrape.testsite.spiders:ShopSpider")
+    job = make_job(spider="tests.spiders:ShopSpider")
     first, second = Run(job), Run(job)
     assert first.finished.status == second.finished.status == "succeeded"
     keys = sorted(i.key for i in first.items)
@@ -331,7 +331,7 @@ def test_child_dying_without_done_fails_with_its_stderr(
     shop: ShopServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GEOSHOP_URL", shop.url)
-    run = Run(make_job(spider="geoscrape.testsite.spiders:CrashingSpider"))
+    run = Run(make_job(spider="tests.spiders:CrashingSpider"))
     assert run.finished.status == "failed"
     error = run.finished.error or ""
     assert error.startswith("crawl process died without finishing (exit code 3)")

@@ -30,6 +30,7 @@ from geoscrape import netns
 from geoscrape.testsite import GeoCatalog, Locale, serve
 from regions.bus import INGEST_EXCHANGE, INGEST_ROUTING_KEY, declare_topology, scrape_queue
 from tests.harness import Stack, stack, wait_until
+from tests.namespaces import region_network
 from tests.proxies import Proxy, echo_server, start_dante, start_tinyproxy, write_geoip
 from tests.query_store import api_server
 
@@ -96,15 +97,8 @@ def site(name: str, base: str, regions: list[str], engine: str = "requests", pag
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[netns.RegionNet]:
-    try:
-        netns.remove_stale()
-        created = netns.create(REGIONS, tag="9" + secrets.token_hex(3), base="10.79")
-    except netns.NetnsError as exc:
-        pytest.fail(f"cannot create the region namespaces: {exc}")
-    try:
+    with region_network(REGIONS, tag="9" + secrets.token_hex(3), base="10.79") as created:
         yield created
-    finally:
-        netns.destroy(created)
 
 
 @pytest.fixture

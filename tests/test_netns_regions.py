@@ -30,6 +30,7 @@ from geoscrape.forwarder import Forwarder
 from geoscrape.testsite import GeoCatalog, Locale, serve
 from regions.bus import scrape_queue
 from tests.harness import Stack, stack, wait_until
+from tests.namespaces import in_namespace, region_network
 
 pytestmark = pytest.mark.slow
 
@@ -64,15 +65,8 @@ sites:
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[netns.RegionNet]:
-    try:
-        netns.remove_stale()
-        created = netns.create(REGIONS)
-    except netns.NetnsError as exc:
-        pytest.fail(f"cannot create the region namespaces: {exc}")
-    try:
+    with region_network(REGIONS) as created:
         yield created
-    finally:
-        netns.destroy(created)
 
 
 @pytest.fixture
@@ -111,7 +105,7 @@ def start_worker(s: Stack, net: netns.RegionNet, region: str, url: str) -> None:
     argv = [sys.executable, "-m", "geoscrape.cli", "worker", "--region", region]
     with log.open("ab") as sink:
         proc = subprocess.Popen(
-            net.hosts[region].argv(*argv),
+            in_namespace(net.hosts[region], *argv),
             env=env, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     s.procs[f"worker-{region}"] = (proc, log)
@@ -274,7 +268,10 @@ def test_a_dead_owners_network_is_removed_as_stale() -> None:
 
 def test_region_namespace_has_no_route_but_to_the_service_subnet(net: netns.RegionNet) -> None:
     routes = subprocess.run(
-        net.hosts["eu"].argv("ip", "-4", "route"), capture_output=True, text=True, check=True
+        in_namespace(net.hosts["eu"], "ip", "-4", "route"),
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     eu = net.hosts["eu"]
     assert sorted(line.split()[0] for line in routes) == sorted([eu.subnet, net.service_subnet])

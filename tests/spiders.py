@@ -1,8 +1,10 @@
 """Ordinary Scrapy spiders for the test shop, as a user would write them.
 
-They exercise `spider: "package.module:Class"` sites. The shop's base URL comes
-from the GEOSHOP_URL environment variable (default http://127.0.0.1:8801).
-Imported only inside crawl children (it imports Scrapy).
+They exercise `spider: "package.module:Class"` sites ("tests.spiders:ShopSpider").
+The shop's base URL comes from the GEOSHOP_URL environment variable (default
+http://127.0.0.1:8801). Imported only inside crawl children (it imports Scrapy),
+which find `tests` through the repository root that tests/conftest.py puts on
+PYTHONPATH. Never shipped: an installed geoscrape cannot name these spiders.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """A hostile site for limit tests: pages built to exhaust a crawler, beside good ones.
 
+Test tooling, never shipped (pyproject includes only the product packages):
+`python -m tests.hostilesite`, from the repository root, serves it on port 8802.
+
     with serve_hostile() as site:     # a free port on 127.0.0.1
         site.url                      # "http://127.0.0.1:<port>"
         site.expected_items()         # what a crawl must still extract
@@ -274,7 +277,7 @@ def serve_hostile(host: str = "127.0.0.1", port: int = 0) -> HostileSite:
     return HostileSite(host, port).start()
 
 
-if __name__ == "__main__":  # pragma: no cover - manual poking: python -m geoscrape.testsite.hostile
+if __name__ == "__main__":  # pragma: no cover - manual poking: python -m tests.hostilesite
     with serve_hostile(port=8802) as site:
         print(f"hostile site at {site.url}/", flush=True)
         while True:
