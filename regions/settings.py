@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic.config import JsonDict
@@ -64,6 +64,16 @@ INTERNAL = {
 def _must(phrase: str) -> JsonDict:
     # What a bad value is told it must be (the error names the variable and value).
     return {"must_be": phrase}
+
+
+def _seconds(default: float, description: str) -> Any:
+    return Field(
+        default,
+        gt=0,
+        allow_inf_nan=False,
+        description=description,
+        json_schema_extra=_must("a number of seconds above 0"),
+    )
 
 
 class Settings(BaseSettings):
@@ -108,12 +118,8 @@ class Settings(BaseSettings):
     )
 
     # Ingest: leases and redelivery (docs/RELIABILITY.md)
-    run_lease: float = Field(
-        DEFAULT_RUN_LEASE,
-        gt=0,
-        allow_inf_nan=False,
-        description="Seconds without a heartbeat after which ingest redelivers a run.",
-        json_schema_extra=_must("a number of seconds above 0"),
+    run_lease: float = _seconds(
+        DEFAULT_RUN_LEASE, "Seconds without a heartbeat after which ingest redelivers a run."
     )
     max_attempts: int = Field(
         DEFAULT_MAX_ATTEMPTS,
@@ -123,12 +129,9 @@ class Settings(BaseSettings):
     )
 
     # Workers
-    frontier_lease: float = Field(
+    frontier_lease: float = _seconds(
         DEFAULT_FRONTIER_LEASE,
-        gt=0,
-        allow_inf_nan=False,
-        description="Seconds a distributed run's worker holds a URL before others may take it.",
-        json_schema_extra=_must("a number of seconds above 0"),
+        "Seconds a distributed run's worker holds a URL before others may take it.",
     )
     warm_children: bool = Field(
         True,
