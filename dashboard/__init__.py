@@ -7,7 +7,6 @@ static/VENDORED.md), so the pages work offline. docs/DASHBOARD.md has the tour.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -26,11 +25,13 @@ def mount(app: FastAPI, *, broker_url: str | None = None, config: Path | None = 
     """
     from dashboard import metrics, pages
     from regions.bus import broker_url as default_broker
+    from regions.settings import settings
 
-    env_config = os.environ.get("GEOSCRAPE_CONFIG")
+    env = settings()
     app.state.broker_url = broker_url or default_broker()
-    app.state.config_path = config or (Path(env_config) if env_config else None)
-    app.state.write_token = os.environ.get(pages.WRITE_TOKEN_ENV) or None
+    app.state.config_path = config or env.config
+    write_token = env.api_write_token
+    app.state.write_token = write_token.get_secret_value() if write_token else None
 
     @app.exception_handler(pages.DashboardDenied)
     async def _denied(_: Request, __: pages.DashboardDenied) -> JSONResponse:

@@ -26,10 +26,11 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from dashboard import data
+from regions.settings import env_name
 
 HERE = Path(__file__).parent
 READ_COOKIE = "geoscrape_token"
-WRITE_TOKEN_ENV = "GEOSCRAPE_API_WRITE_TOKEN"
+WRITE_TOKEN_ENV = env_name("api_write_token")
 PROGRESS_POLL = "2s"  # how often the overview's "in progress" part refreshes
 
 templates = Jinja2Templates(directory=HERE / "templates")

@@ -25,6 +25,7 @@ from geoscrape.clikit import DEFAULT_CONFIG, ConfigOption, database_url, err, ou
 from geoscrape.errors import BadInput, GeoscrapeError
 from geoscrape.logs import LogFormat, LogLevel, setup_logging
 from regions.errors import RegionsError
+from regions.settings import settings
 from scheduler.errors import SchedulerError
 from scraper.errors import ScraperError
 from storage.errors import StorageError
@@ -71,6 +72,7 @@ def _global(
     """Geo-distributed web scraping: crawl sites from pinned regions, compare centrally."""
     if log_file is not None and not log_file.parent.is_dir():
         raise BadInput(f"--log-file {log_file}: directory {log_file.parent} does not exist")
+    settings()  # every command: a bad GEOSCRAPE_* value is one line and exit 2, up front
     setup_logging(log_level, log_file, log_format)
 
 

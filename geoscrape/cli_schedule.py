@@ -40,8 +40,9 @@ def register(app: typer.Typer) -> None:
         import threading
 
         from regions.bus import broker_url, check_broker
+        from regions.settings import settings
         from scheduler.beat import BeatOptions, run_beat
-        from scheduler.redis import connect_redis, redis_prefix
+        from scheduler.redis import connect_redis
         from storage.code import code_pinner
         from storage.db import database_url
         from storage.queries import open_run_checker
@@ -60,7 +61,7 @@ def register(app: typer.Typer) -> None:
             config,
             broker_url=broker_url(),
             redis_client=client,
-            prefix=redis_prefix(),
+            prefix=settings().redis_prefix,
             open_run=open_run_checker(database_url()),
             pin_code=code_pinner(database_url()),
             options=BeatOptions(lease=lease, reload_interval=reload_interval, window=replay_window),

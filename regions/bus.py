@@ -18,14 +18,12 @@ permission) and consumes a `no_declare` queue (see docs/REGIONS.md).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 from kombu import Connection, Exchange, Queue
 
 from regions.errors import BrokerUnavailable
-
-DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+from regions.settings import settings
 
 SCRAPE_EXCHANGE = Exchange("scrape", type="direct", durable=True)
 DEAD_EXCHANGE = Exchange("scrape.dlx", type="fanout", durable=True)
@@ -41,7 +39,7 @@ INGEST_QUEUE = Queue(
 
 
 def broker_url() -> str:
-    return os.environ.get("GEOSCRAPE_BROKER_URL", DEFAULT_BROKER_URL)
+    return settings().broker_url
 
 
 def scrape_queue_name(region: str) -> str:

@@ -9,6 +9,10 @@ class RegionsError(Exception):
     """Root of every error raised by the regions package."""
 
 
+class SettingsError(RegionsError):
+    """A GEOSCRAPE_* environment variable whose value cannot be used (regions/settings.py)."""
+
+
 class UnknownRegion(RegionsError):
     """A region that sites.yaml does not declare."""
 

@@ -44,8 +44,9 @@ from regions.bus import (
     scrape_queue,
 )
 from regions.errors import RegionsError
+from regions.settings import BROKER_PASSWORD_PREFIX, per_region_env
 
-PASSWORD_ENV_PREFIX = "GEOSCRAPE_BROKER_PASSWORD_"
+PASSWORD_ENV_PREFIX = BROKER_PASSWORD_PREFIX
 DEFAULT_USER_PREFIX = "geoscrape-"
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 
@@ -71,7 +72,7 @@ def region_permissions(region: str) -> Permissions:
 
 
 def password_env(region: str) -> str:
-    return PASSWORD_ENV_PREFIX + region.upper().replace("-", "_")
+    return per_region_env(PASSWORD_ENV_PREFIX, region)
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,15 @@ The broker's certificate is always verified, hostname included.
 
 from __future__ import annotations
 
-import os
 import ssl
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from regions.errors import RegionsError
+from regions.settings import env_name, settings
 
-ENV_CA = "GEOSCRAPE_BROKER_CA"
-ENV_CERT = "GEOSCRAPE_BROKER_CERT"
-ENV_KEY = "GEOSCRAPE_BROKER_KEY"
+ENV_CA, ENV_CERT, ENV_KEY = (env_name(f) for f in ("broker_ca", "broker_cert", "broker_key"))
 TLS_SCHEMES = ("amqps", "pyamqps")
 
 
@@ -32,11 +30,10 @@ class TLSConfigError(RegionsError):
     """Inconsistent or missing TLS settings for the broker connection."""
 
 
-def _file(var: str) -> str | None:
-    value = os.environ.get(var) or None
-    if value is not None and not Path(value).is_file():
-        raise TLSConfigError(f"{var}={value}: no such file")
-    return value
+def _file(var: str, path: Path | None) -> str | None:
+    if path is not None and not path.is_file():
+        raise TLSConfigError(f"{var}={path}: no such file")
+    return None if path is None else str(path)
 
 
 def is_tls(url: str) -> bool:
@@ -45,7 +42,9 @@ def is_tls(url: str) -> bool:
 
 def ssl_options(url: str) -> dict[str, Any] | None:
     """kombu/py-amqp `ssl=` options for `url`, or None for a plain amqp:// URL."""
-    ca, cert, key = _file(ENV_CA), _file(ENV_CERT), _file(ENV_KEY)
+    env = settings()
+    ca = _file(ENV_CA, env.broker_ca)
+    cert, key = _file(ENV_CERT, env.broker_cert), _file(ENV_KEY, env.broker_key)
     if not is_tls(url):
         given = [var for var, value in ((ENV_CA, ca), (ENV_CERT, cert), (ENV_KEY, key)) if value]
         if given:

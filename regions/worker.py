@@ -18,7 +18,6 @@ whose heartbeats stop, and dead-letters it after GEOSCRAPE_MAX_ATTEMPTS.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -47,6 +46,7 @@ from regions.messages import (
     expired_run,
     utcnow,
 )
+from regions.settings import settings
 from regions.stopping import DEFAULT_STOP_TIMEOUT, StopControl
 
 log = logging.getLogger("geoscrape.worker")
@@ -439,7 +439,7 @@ def run_worker(
 
 def _start_warm_children(pool: CrawlPool) -> bool:
     """Crawls fork from a warm server unless GEOSCRAPE_WARM_CHILDREN=0 (scraper/forkserver.py)."""
-    if pool.start_warm is None or os.environ.get("GEOSCRAPE_WARM_CHILDREN", "1") == "0":
+    if pool.start_warm is None or not settings().warm_children:
         return False
     try:
         pool.start_warm()

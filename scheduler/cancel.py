@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import redis
 
-from scheduler.redis import connect_redis, redis_prefix
+from regions.settings import settings
+from scheduler.redis import connect_redis
 
 log = logging.getLogger("geoscrape.cancel")
 
@@ -28,7 +29,7 @@ CHECK_INTERVAL = 1.0  # seconds between two Redis reads for one run
 
 
 def mark_key(run_id: str, prefix: str | None = None) -> str:
-    return f"{prefix if prefix is not None else redis_prefix()}cancel:{run_id}"
+    return f"{prefix if prefix is not None else settings().redis_prefix}cancel:{run_id}"
 
 
 def mark_cancelled(run_id: str, url: str | None = None) -> None:

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import redis
 
+from regions.settings import settings
 from scheduler.errors import SchedulerError
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_PREFIX = "geoscrape:"
 
 
 class RedisUnavailable(SchedulerError):
     """Redis cannot be reached at start."""
 
 
-def redis_url() -> str:
-    return os.environ.get("GEOSCRAPE_REDIS_URL", DEFAULT_REDIS_URL)
-
-
-def redis_prefix() -> str:
-    """Prefix of every key geoscrape writes (env GEOSCRAPE_REDIS_PREFIX)."""
-    return os.environ.get("GEOSCRAPE_REDIS_PREFIX", DEFAULT_PREFIX)
-
-
 def connect_redis(url: str | None = None) -> redis.Redis:
     """A client with short timeouts (a hung Redis must not hang the beat); checked once."""
-    url = url or redis_url()
+    url = url or settings().redis_url
     try:
         client = redis.Redis.from_url(
             url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True

@@ -15,10 +15,11 @@ import os
 import shutil
 from collections.abc import Iterable
 
+from regions.settings import env_name, settings
 from scheduler.config import Config
 from scraper.errors import ScraperError
 
-CHROMIUM_ENV = "GEOSCRAPE_CHROMIUM"
+CHROMIUM_ENV = env_name("chromium")
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 
 # Flags for a headless crawl on a closed network. --no-sandbox: workers run as
@@ -44,8 +45,8 @@ class ChromiumMissing(ScraperError):
 
 def find_chromium() -> str:
     """The Chromium executable: $GEOSCRAPE_CHROMIUM, else `chromium` on PATH."""
-    configured = os.environ.get(CHROMIUM_ENV)
-    if configured:
+    if (path := settings().chromium) is not None:
+        configured = str(path)
         if os.path.isfile(configured) and os.access(configured, os.X_OK):
             return configured
         raise ChromiumMissing(

@@ -23,12 +23,12 @@ from pathlib import Path
 import requests
 
 from regions.messages import CodeRef
+from regions.settings import env_name, settings
 from scraper.bundle import MAX_BUNDLE_BYTES, BundleError, sha256_hex, unpack_bundle
 from scraper.errors import ScraperError
 
-CODE_URL_ENV = "GEOSCRAPE_CODE_URL"  # the central API's base URL
-CODE_TOKEN_ENV = "GEOSCRAPE_CODE_TOKEN"  # this region's token (GEOSCRAPE_CODE_TOKEN_<REGION> there)
-CODE_CACHE_ENV = "GEOSCRAPE_CODE_CACHE"
+CODE_URL_ENV = env_name("code_url")
+CODE_TOKEN_ENV = env_name("code_token")  # the crawl child's environment goes without it
 CODE_PATH_ENV = "GEOSCRAPE_CODE_PATH"  # parent -> crawl child: the unpacked bundle
 REGION_HEADER = "X-Geoscrape-Region"
 FETCH_TIMEOUT = 60.0
@@ -55,11 +55,11 @@ class CodeCache:
 
     @classmethod
     def from_env(cls, region: str) -> CodeCache:
-        directory = os.environ.get(CODE_CACHE_ENV)
+        env = settings()
         return cls(
-            Path(directory) if directory else default_cache_dir(),
-            os.environ.get(CODE_URL_ENV),
-            os.environ.get(CODE_TOKEN_ENV),
+            env.code_cache or default_cache_dir(),
+            env.code_url,
+            env.code_token.get_secret_value() if env.code_token else None,
             region,
         )
 

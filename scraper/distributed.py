@@ -31,8 +31,8 @@ from collections.abc import Callable
 import redis
 
 from regions.messages import Job, RunStats
+from regions.settings import settings
 from scraper.frontier import connect, run_key
-from scraper.ratelimit import redis_prefix
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def is_distributed(job: Job) -> bool:
 
 
 def open_key(region: str) -> str:
-    return f"{redis_prefix()}frontier:open:{region}"
+    return f"{settings().redis_prefix}frontier:open:{region}"
 
 
 class RunBoard:

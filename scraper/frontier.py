@@ -31,7 +31,6 @@ The run is done when the queue is empty and no lease is open.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -39,10 +38,9 @@ from typing import Any
 
 import redis
 
+from regions.settings import settings
 from scraper.errors import ScraperError
-from scraper.ratelimit import redis_prefix, redis_url
 
-LEASE_SECONDS = 60.0  # default; GEOSCRAPE_FRONTIER_LEASE overrides (tests use a few seconds)
 REDIS_TIMEOUT = 5.0
 KEPT_META = ("depth", "redirect_times", "redirect_ttl", "redirect_urls", "retry_times")
 
@@ -97,13 +95,9 @@ class FrontierError(ScraperError):
     """The frontier of a distributed run cannot be reached."""
 
 
-def lease_seconds() -> float:
-    return float(os.environ.get("GEOSCRAPE_FRONTIER_LEASE", LEASE_SECONDS))
-
-
 def connect(url: str | None = None) -> redis.Redis:
     return redis.Redis.from_url(
-        url or redis_url(),
+        url or settings().redis_url,
         socket_timeout=REDIS_TIMEOUT,
         socket_connect_timeout=REDIS_TIMEOUT,
         decode_responses=True,
@@ -111,7 +105,7 @@ def connect(url: str | None = None) -> redis.Redis:
 
 
 def run_key(run_id: str, name: str, prefix: str | None = None) -> str:
-    return f"{prefix if prefix is not None else redis_prefix()}frontier:{run_id}:{name}"
+    return f"{prefix if prefix is not None else settings().redis_prefix}frontier:{run_id}:{name}"
 
 
 @dataclass(frozen=True)
@@ -140,7 +134,7 @@ class Frontier:
 
     def __init__(self, run_id: str, *, client: redis.Redis | None = None) -> None:
         self.run_id = run_id
-        self.lease = lease_seconds()
+        self.lease = settings().frontier_lease
         self._redis = client or connect()
         self._keys = {n: run_key(run_id, n) for n in ("queue", "seen", "leases", "pages")}
         self._keys |= {n: run_key(run_id, n) for n in ("closed", "started", "seeded")}

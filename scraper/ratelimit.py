@@ -33,7 +33,6 @@ from __future__ import annotations
 import email.utils
 import logging
 import math
-import os
 import threading
 import time
 import urllib.request
@@ -45,12 +44,11 @@ from urllib.parse import urlsplit
 
 import redis
 
+from regions.settings import settings
 from scheduler.config import ResolvedSite
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_PREFIX = "geoscrape:"
 REDIS_TIMEOUT = 1.0  # seconds; a hung Redis must not hold a crawl longer than this once
 STRIKE_MEMORY = 60.0  # seconds after the last 429 before the backoff starts over
 BACKOFF_BASE = 1.0  # seconds: the pause of a first 429 without Retry-After
@@ -92,14 +90,6 @@ if seconds > 0 then
 end
 return {strikes, tostring(seconds)}
 """
-
-
-def redis_url() -> str:
-    return os.environ.get("GEOSCRAPE_REDIS_URL", DEFAULT_REDIS_URL)
-
-
-def redis_prefix() -> str:
-    return os.environ.get("GEOSCRAPE_REDIS_PREFIX", DEFAULT_PREFIX)
 
 
 @lru_cache(maxsize=1)
@@ -183,8 +173,9 @@ class Budget:
         self.scope = politeness.rate_scope
         self.max_retry_after = politeness.max_retry_after
         self.obey_robots = politeness.robots == "obey"
-        self._url = url or redis_url()
-        self._prefix = prefix if prefix is not None else redis_prefix()
+        env = settings()
+        self._url = url or env.redis_url
+        self._prefix = prefix if prefix is not None else env.redis_prefix
         self._clock = clock
         self._lock = threading.Lock()
         self._client: redis.Redis | None = None

@@ -20,7 +20,6 @@ region's own token, ``GEOSCRAPE_CODE_TOKEN_<REGION>`` (upper case, ``-`` as
 from __future__ import annotations
 
 import hmac
-import os
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
@@ -37,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from regions.settings import CODE_TOKEN_PREFIX, env_name, per_region_env, per_region_value, settings
 from storage.access import AccessResult, access
 from storage.boundary import SchemaMissing, StoreUnavailable, guard_engine
 from storage.compare import CompareResult, compare
@@ -47,8 +47,7 @@ from storage.runinfo import FetchList, RunDetail, run_detail, run_fetches
 from storage.since import TIME_PATTERN, parse_since
 from storage.validate import check_region, check_run_filters, check_site
 
-TOKEN_ENV = "GEOSCRAPE_API_TOKEN"
-CODE_TOKEN_PREFIX = "GEOSCRAPE_CODE_TOKEN_"
+TOKEN_ENV = env_name("api_token")
 REGION_HEADER = "X-Geoscrape-Region"
 MAX_LIMIT = 1000
 # Far past any real store, and small enough that offset + limit stays a 64-bit integer.
@@ -100,13 +99,13 @@ class _CodeUnauthorised(Exception):
 
 def code_token_env(region: str) -> str:
     """The API-side variable holding `region`'s code token."""
-    return CODE_TOKEN_PREFIX + region.upper().replace("-", "_")
+    return per_region_env(CODE_TOKEN_PREFIX, region)
 
 
 def _code_reader(request: Request) -> None:
     """A worker of a region with a code token, presenting that token."""
     region = request.headers.get(REGION_HEADER, "")
-    secret = os.environ.get(code_token_env(region)) if region else None
+    secret = per_region_value(CODE_TOKEN_PREFIX, region) if region else None
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     if (
         not secret
@@ -156,7 +155,9 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
     ensure_schema(url)
     # Database failures while serving become StoreUnavailable: a 503 naming the store.
     factory: sessionmaker[Session] = session_factory(guard_engine(make_engine(url), url))
-    secret = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    if token is None and (configured := settings().api_token) is not None:
+        token = configured.get_secret_value()
+    secret = token
 
     # Swagger UI and ReDoc from assets in the fastapi-offline package, not a CDN:
     # /docs and /redoc work on a machine without internet.

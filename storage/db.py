@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +9,9 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from regions.settings import settings
 from storage.errors import UnsupportedDatabaseError
 
-DEFAULT_DATABASE_URL = "sqlite:///geoscrape.db"
 SUPPORTED_BACKENDS = frozenset({"sqlite", "postgresql"})
 
 # How long a SQLite connection waits for another writer's lock before failing.
@@ -30,10 +29,11 @@ def normalize_url(url: str) -> str:
 def store_home() -> Path:
     """Where relative SQLite paths point: ``GEOSCRAPE_HOME``, else the directory of
     the sites file (``GEOSCRAPE_CONFIG``), else the current directory."""
-    if home := os.environ.get("GEOSCRAPE_HOME"):
-        return Path(home).expanduser().resolve()
-    if config := os.environ.get("GEOSCRAPE_CONFIG"):
-        return Path(config).expanduser().resolve().parent
+    env = settings()
+    if env.home is not None:
+        return env.home.expanduser().resolve()
+    if env.config is not None:
+        return env.config.expanduser().resolve().parent
     return Path.cwd()
 
 
@@ -55,7 +55,7 @@ def absolute_sqlite(url: str, home: Path | None = None) -> str:
 def database_url() -> str:
     """The store's URL: ``GEOSCRAPE_DATABASE_URL``, else ``sqlite:///geoscrape.db``;
     a relative SQLite path is resolved against store_home()."""
-    url = os.environ.get("GEOSCRAPE_DATABASE_URL") or DEFAULT_DATABASE_URL
+    url = settings().database_url
     return absolute_sqlite(normalize_url(url))
 
 

@@ -25,7 +25,6 @@ count as a lapse.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,43 +35,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from regions.bus import scrape_queue
 from regions.messages import Job, utcnow
+from regions.settings import DEFAULT_MAX_ATTEMPTS, DEFAULT_RUN_LEASE, settings
 from storage.deadletter import LEASE_REASON, DeadLetter, apply_dead_letter
-from storage.errors import StorageError
 from storage.models import runs
 
 log = logging.getLogger("geoscrape.reaper")
 
-LEASE_ENV = "GEOSCRAPE_RUN_LEASE"
-MAX_ATTEMPTS_ENV = "GEOSCRAPE_MAX_ATTEMPTS"
-# Heartbeats come about every second from the worker process itself (a timer,
-# not the crawl), so a slow crawl on a busy machine still renews its lease; 10 s
-# lets a killed worker's run be redelivered within about 15 s.
-DEFAULT_LEASE = 10.0
-DEFAULT_MAX_ATTEMPTS = 3
-
-
-class ReaperSettingError(StorageError):
-    """A bad GEOSCRAPE_RUN_LEASE or GEOSCRAPE_MAX_ATTEMPTS."""
-
-
-def _env_number(name: str, default: float, *, integer: bool) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        kind = "a whole number" if integer else "a number of seconds"
-        raise ReaperSettingError(f"environment variable {name}={raw!r}: must be {kind} above 0")
-    return value
-
 
 def lease_settings() -> tuple[float, int]:
-    """(lease seconds, max attempts) from the environment."""
-    lease = _env_number(LEASE_ENV, DEFAULT_LEASE, integer=False)
-    return lease, int(_env_number(MAX_ATTEMPTS_ENV, DEFAULT_MAX_ATTEMPTS, integer=True))
+    """(lease seconds, max attempts) from the environment; SettingsError if unusable."""
+    env = settings()
+    return env.run_lease, env.max_attempts
 
 
 # Publishes a job to its region's queue as dispatch does; given by the caller
@@ -93,7 +66,7 @@ class Reaper:
         sessions: sessionmaker[Session],
         publish: PublishJob,
         *,
-        lease: float = DEFAULT_LEASE,
+        lease: float = DEFAULT_RUN_LEASE,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
         self.sessions = sessions

@@ -9,11 +9,12 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from regions.errors import SettingsError
 from regions.messages import Job, RunProgress, RunQueued, RunStarted, RunStats, dump
 from storage.db import make_engine, session_factory
 from storage.migrate import ensure_schema
 from storage.models import DeadJob, Run
-from storage.reaper import Reaped, Reaper, ReaperSettingError, lease_settings
+from storage.reaper import Reaped, Reaper, lease_settings
 from storage.writer import IngestMessage, apply_message
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -155,7 +156,7 @@ def test_lease_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("GEOSCRAPE_MAX_ATTEMPTS", "5")
     assert lease_settings() == (2.5, 5)
     monkeypatch.setenv("GEOSCRAPE_MAX_ATTEMPTS", "two")
-    with pytest.raises(ReaperSettingError) as err:
+    with pytest.raises(SettingsError) as err:
         lease_settings()
     assert str(err.value) == (
         "environment variable GEOSCRAPE_MAX_ATTEMPTS='two': must be a whole number above 0"
