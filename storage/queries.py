@@ -30,7 +30,9 @@ class _Row(BaseModel):
     model_config = ConfigDict(frozen=True, from_attributes=True)  # .model_validate(orm_row)
 
 
-class RunRow(_Row):
+class RunFields(_Row):
+    """What every view of a run starts with (RunRow; runinfo.RunDetail adds more)."""
+
     id: str
     site: str
     region: str
@@ -41,6 +43,9 @@ class RunRow(_Row):
     started_at: datetime | None
     finished_at: datetime | None
     worker: str | None
+
+
+class RunRow(RunFields):
     stats: dict[str, Any]
     error: str | None
     code_version: str | None = None  # the deployed code bundle it ran (geoscrape deploy)

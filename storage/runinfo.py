@@ -18,23 +18,13 @@ from sqlalchemy.orm import Session
 
 from storage.errors import NotFoundError, QueryError
 from storage.models import Run, Worker, fetch_samples, fetches
-from storage.queries import RunRow
+from storage.queries import RunFields, RunRow
 from storage.validate import check_fetch_status
 
 LIMIT_NOTE = re.compile(r"limit reached: [^;\n]+")
 
 
-class RunDetail(BaseModel):
-    id: str
-    site: str
-    region: str
-    trigger: str
-    tick: str | None
-    status: str
-    queued_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    worker: str | None
+class RunDetail(RunFields):
     egress: str | None  # the worker's source address towards the broker, when known
     # Where the run's traffic left from (regions.messages.EgressAttestation), and
     # the deployed code it ran: None for runs from before either existed.
