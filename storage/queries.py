@@ -59,22 +59,7 @@ class RunRow(RunFields):
 
     @classmethod
     def of(cls, run: Run) -> RunRow:
-        return cls(
-            id=run.id,
-            site=run.site,
-            region=run.region,
-            trigger=run.trigger,
-            tick=run.tick,
-            status=run.status,
-            queued_at=run.queued_at,
-            started_at=run.started_at,
-            finished_at=run.finished_at,
-            worker=run.worker,
-            stats=dict(run.stats or {}),
-            error=run.error,
-            code_version=run.code_version,
-            egress=dict(run.egress) if run.egress is not None else None,
-        )
+        return cls.model_validate(run)
 
 
 class ItemRow(_Row):
