@@ -8,18 +8,19 @@ store, with queue depths unknown.
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from regions.messages import FINAL_STATUSES, utcnow
-from storage.models import DeadJob, FetchRecord, Run
+from storage import queries
+from storage.deadletter import DeadJobRow, list_dead_jobs
+from storage.errors import NotFoundError, QueryError
 from storage.queries import RunRow, WorkerRow, last_runs, live_workers
+from storage.runinfo import RunPage, run_page
 
 log = logging.getLogger("geoscrape.dashboard")
 
@@ -135,69 +136,24 @@ def overview(session: Session, broker_url: str | None, config_path: Path | None)
 
 
 def in_progress(session: Session) -> list[RunRow]:
-    stmt = (
-        select(Run)
-        .where(Run.status.not_in(FINAL_STATUSES))
-        .order_by(Run.queued_at.desc().nulls_last(), Run.id)
-        .limit(100)
-    )
-    return [RunRow.of(r) for r in session.scalars(stmt)]
+    return queries.in_progress(session)
 
 
 def site_runs(session: Session, site: str, limit: int = 200) -> list[RunRow]:
     """The site's newest runs, newest first."""
-    stmt = (
-        select(Run)
-        .where(Run.site == site)
-        .order_by(Run.queued_at.desc().nulls_last(), Run.id)
-        .limit(limit)
-    )
-    return [RunRow.of(r) for r in session.scalars(stmt)]
+    return queries.list_runs(session, site=site, limit=limit)
 
 
-@dataclass(frozen=True)
-class RunDetail:
-    run: RunRow
-    job: dict[str, Any] | None
-    attempts: int
-    status_codes: list[tuple[str, int]]  # ("200", 11), ("error", 2)
-    failed: list[tuple[str, int | None, str | None]] = field(default_factory=list)
-    limits: list[str] = field(default_factory=list)
-
-
-MAX_FAILED_SHOWN = 200
-
-
-def run_detail(session: Session, run_id: str) -> RunDetail | None:
-    run = session.get(Run, run_id)
-    if run is None:
+def run_detail(session: Session, run_id: str) -> RunPage | None:
+    """None for an unknown (or ambiguous) run id: the page answers 404."""
+    try:
+        return run_page(session, run_id)
+    except (NotFoundError, QueryError):
         return None
-    codes: Counter[str] = Counter()
-    failed: list[tuple[str, int | None, str | None]] = []
-    stmt = select(FetchRecord.url, FetchRecord.status, FetchRecord.error).where(
-        FetchRecord.run_id == run_id
-    )
-    for url, status, error in session.execute(stmt.order_by(FetchRecord.id)):
-        codes["error" if status is None else str(status)] += 1
-        if (status is None or status >= 400) and len(failed) < MAX_FAILED_SHOWN:
-            failed.append((url, status, error))
-    # The runner reports limits as "limit reached: a; b" in a succeeded run's error.
-    limits = []
-    if run.error and run.error.startswith("limit reached: "):
-        limits = run.error.removeprefix("limit reached: ").split("; ")
-    return RunDetail(
-        run=RunRow.of(run),
-        job=run.job,
-        attempts=run.attempts,
-        status_codes=sorted(codes.items()),
-        failed=failed,
-        limits=limits,
-    )
 
 
-def dead_jobs(session: Session) -> list[DeadJob]:
-    stmt = select(DeadJob).where(DeadJob.requeued_at.is_(None)).order_by(DeadJob.dead_at.desc())
-    return list(session.scalars(stmt))
+def dead_jobs(session: Session) -> list[DeadJobRow]:
+    return list_dead_jobs(session)
 
 
 def history_series(

@@ -20,9 +20,8 @@ Queue metrics are absent when the broker cannot be reached.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -30,11 +29,10 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from regions.messages import utcnow
-from storage.models import Run, Worker
+from storage.queries import StoreCounts, WorkerRow, live_workers, store_counts
 
 router = APIRouter(include_in_schema=False)
 WORKERS_WITHIN = timedelta(days=1)
@@ -46,57 +44,48 @@ class StoreCollector(Collector):
         self.broker_url = broker_url
 
     def collect(self) -> Iterator[Metric]:
+        now = utcnow()
         with self.sessions() as session:
-            yield from self._runs(session)
-            regions = sorted(set(session.scalars(select(Run.region).distinct())))
-            yield from self._workers(session)
-        yield from self._queues(regions)
+            counts = store_counts(session)
+            workers = live_workers(session, seen_since=now - WORKERS_WITHIN)
+        yield from self._runs(counts)
+        yield from self._workers(counts, workers, now)
+        yield from self._queues(counts.regions)
 
-    def _runs(self, session: Session) -> Iterator[Metric]:
+    def _runs(self, counts: StoreCounts) -> Iterator[Metric]:
         runs = CounterMetricFamily(
             "geoscrape_runs", "Runs in the store", labels=["site", "region", "status"]
         )
-        stmt = select(Run.site, Run.region, Run.status, func.count()).group_by(
-            Run.site, Run.region, Run.status
-        )
-        for site, region, status, count in session.execute(stmt):
-            runs.add_metric([site, region, status], count)
+        for row in counts.runs:
+            runs.add_metric([row.site, row.region, row.status], row.count)
         yield runs
-        pages: Counter[str] = Counter()
-        items: Counter[str] = Counter()
-        for region, stats in session.execute(select(Run.region, Run.stats)):
-            pages[region] += int((stats or {}).get("pages", 0) or 0)
-            items[region] += int((stats or {}).get("items", 0) or 0)
-        for name, help_text, counts in (
-            ("geoscrape_pages", "Pages fetched by the region's runs", pages),
-            ("geoscrape_items", "Items extracted by the region's runs", items),
+        for name, help_text, by_region in (
+            ("geoscrape_pages", "Pages fetched by the region's runs", counts.pages),
+            ("geoscrape_items", "Items extracted by the region's runs", counts.items),
         ):
             family = CounterMetricFamily(name, help_text, labels=["region"])
-            for region, value in sorted(counts.items()):
+            for region, value in sorted(by_region.items()):
                 family.add_metric([region], value)
             yield family
 
-    def _workers(self, session: Session) -> Iterator[Metric]:
-        now = utcnow()
+    def _workers(
+        self, counts: StoreCounts, workers: list[WorkerRow], now: datetime
+    ) -> Iterator[Metric]:
         ages = GaugeMetricFamily(
             "geoscrape_worker_heartbeat_age_seconds",
             "Seconds since the worker's last heartbeat was sent",
             labels=["worker", "region"],
         )
-        stmt = select(Worker).where(
-            Worker.stopped_at.is_(None), Worker.last_seen_at >= now - WORKERS_WITHIN
-        )
-        for worker in session.scalars(stmt.order_by(Worker.name)):
+        for worker in sorted(workers, key=lambda w: w.name):
             ages.add_metric(
                 [worker.name, worker.region], (now - worker.last_seen_at).total_seconds()
             )
         yield ages
-        newest = session.scalar(select(func.max(Worker.last_seen_at)))
-        if newest is not None:
+        if counts.newest_heartbeat is not None:
             yield GaugeMetricFamily(
                 "geoscrape_ingest_lag_seconds",
                 "Seconds since the newest worker heartbeat ingest stored was sent",
-                value=(now - newest).total_seconds(),
+                value=(now - counts.newest_heartbeat).total_seconds(),
             )
 
     def _queues(self, regions: list[str]) -> Iterator[Metric]:

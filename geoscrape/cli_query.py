@@ -86,6 +86,7 @@ def register(app: typer.Typer) -> None:
         """Compare SITE across regions: one row per key, one column per region per field."""
         from geoscrape.query_views import print_compare
         from storage.compare import compare as run_compare
+        from storage.compare import flat_cells
         from storage.errors import QueryError
 
         if latest and run_tick is not None:
@@ -102,21 +103,18 @@ def register(app: typer.Typer) -> None:
         if format is ViewFormat.json:
             print_json(result)
         elif format is ViewFormat.csv:
-            rows = []
-            for row in result.rows:
-                flat: dict[str, Any] = {"key": row.key}
-                for f in result.fields:
-                    for region in result.regions:
-                        flat[f"{f}.{region}"] = row.values[f][region]
-                    if f in row.spread:
-                        s = row.spread[f]
-                        flat.update({f"{f}.min": s.min, f"{f}.max": s.max, f"{f}.ratio": s.ratio})
-                    flat[f"{f}.verdict"] = row.verdicts.get(f)
-                flat["differs"] = ",".join(row.differs)
-                flat["noisy"] = ",".join(row.noisy)
-                flat["missing"] = ",".join(row.missing)
-                rows.append(flat)
-            print_csv(rows)
+            print_csv(
+                [
+                    {
+                        "key": row.key,
+                        **flat_cells(row, result.fields, result.regions),
+                        "differs": ",".join(row.differs),
+                        "noisy": ",".join(row.noisy),
+                        "missing": ",".join(row.missing),
+                    }
+                    for row in result.rows
+                ]
+            )
         else:
             print_compare(out, result)
 

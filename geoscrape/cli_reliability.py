@@ -12,11 +12,9 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
-from sqlalchemy import select
 
 from geoscrape.clikit import out, sessions
-from storage.deadletter import UnknownDeadJob, find_dead_job, requeue
-from storage.models import DeadJob
+from storage.deadletter import UnknownDeadJob, find_dead_job, list_dead_jobs, requeue
 
 __all__ = ["UnknownDeadJob", "find_dead_job", "register", "requeue"]
 
@@ -39,12 +37,7 @@ def register(app: typer.Typer) -> None:
         if ctx.invoked_subcommand is not None:
             return
         with sessions()() as session:
-            query = select(DeadJob).order_by(DeadJob.dead_at.desc())
-            if site is not None:
-                query = query.where(DeadJob.site == site)
-            if not all_:
-                query = query.where(DeadJob.requeued_at.is_(None))
-            rows = list(session.scalars(query))
+            rows = list_dead_jobs(session, site=site, requeued=all_)
         if not rows:
             out.print("no dead jobs")
             return

@@ -59,9 +59,10 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         format: FormatOption = ViewFormat.table,
     ) -> None:
         """The URLs a run fetched, with status, size and error: what failed, and why."""
-        from storage.runinfo import check_status_filter, run_fetches
+        from storage.runinfo import run_fetches
+        from storage.validate import check_fetch_status
 
-        check_status_filter(status)
+        check_fetch_status(status)
         with sessions()() as session:
             found = run_fetches(session, run, status=status, errors=errors)
         if format is not ViewFormat.table:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import enum
 import json
 from collections.abc import Sequence
@@ -50,7 +49,7 @@ def _duration(run: RunRow) -> str:
 
 
 def _run_record(run: RunRow) -> dict[str, Any]:
-    record = dataclasses.asdict(run)
+    record = run.model_dump()
     record["verified"] = run.verified
     return record
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any
 from urllib.parse import unquote_to_bytes
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
@@ -31,7 +31,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,7 +41,7 @@ from storage.boundary import SchemaMissing, StoreUnavailable, guard_engine
 from storage.compare import CompareResult, compare
 from storage.errors import NotFoundError, StorageError
 from storage.history import ChangesResult, HistoryResult, changes, history
-from storage.queries import ItemRow, RunRow, list_items_page, list_runs_page
+from storage.queries import ItemRow, Page, RunRow, SiteRow, list_items, list_runs, list_sites, page
 from storage.runinfo import FetchList, RunDetail, run_detail, run_fetches
 from storage.since import TIME_PATTERN, parse_since
 from storage.validate import check_region, check_run_filters, check_site
@@ -53,22 +52,6 @@ MAX_LIMIT = 1000
 # Far past any real store, and small enough that offset + limit stays a 64-bit integer.
 MAX_OFFSET = 10**15
 MAX_FIELDS = 100  # `field` filters per request
-
-T = TypeVar("T")
-
-
-class Page(BaseModel, Generic[T]):
-    data: list[T]
-    limit: int
-    offset: int
-    next_offset: int | None  # None on the last page
-
-
-class SiteRow(BaseModel):
-    name: str
-    regions: list[str]
-    runs: int
-    last_run_at: datetime | None
 
 
 class ErrorBody(BaseModel):
@@ -129,16 +112,6 @@ Time = Annotated[
     ),
 ]
 Fields = Annotated[list[str] | None, Query(max_length=MAX_FIELDS, description="only these fields")]
-
-
-def _page(rows: list[Any], limit: int, offset: int) -> dict[str, Any]:
-    """Pages are fetched with limit+1 rows: the extra one says whether more follow."""
-    return {
-        "data": rows[:limit],
-        "limit": limit,
-        "offset": offset,
-        "next_offset": offset + limit if len(rows) > limit else None,
-    }
 
 
 def _since(value: str | None, what: str) -> datetime | None:
@@ -233,26 +206,9 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         return {"status": "ok"}
 
     @app.get("/sites", dependencies=guarded, response_model=Page[SiteRow])
-    def sites(db: Db, limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
+    def sites(db: Db, limit: Limit = 100, offset: Offset = 0) -> Page[SiteRow]:
         """Every site with runs in the store, its regions and newest run time."""
-        from storage.models import runs
-
-        when = func.max(func.coalesce(runs.c.finished_at, runs.c.started_at, runs.c.queued_at))
-        stmt = (
-            select(runs.c.site, func.count(), when)
-            .group_by(runs.c.site)
-            .order_by(runs.c.site)
-            .limit(limit + 1)
-            .offset(offset)
-        )
-        found = db.execute(stmt).all()
-        rows = []
-        for name, count, last in found:
-            regions = db.scalars(
-                select(runs.c.region).where(runs.c.site == name).distinct().order_by(runs.c.region)
-            ).all()
-            rows.append(SiteRow(name=name, regions=list(regions), runs=count, last_run_at=last))
-        return _page(rows, limit, offset)
+        return page(list_sites(db, limit=limit + 1, offset=offset), limit, offset)
 
     @app.get("/runs", dependencies=guarded, response_model=Page[RunRow])
     def runs_(
@@ -264,10 +220,10 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
         until: Time = None,
         limit: Limit = 50,
         offset: Offset = 0,
-    ) -> dict[str, Any]:
-        """Runs, newest first, filtered by site, region, status and time (queued/started)."""
+    ) -> Page[RunRow]:
+        """Runs, newest first, filtered by site, region, status and time (finish/start/queue)."""
         check_run_filters(db, site, region, status)
-        rows = list_runs_page(
+        rows = list_runs(
             db,
             site=site,
             region=region,
@@ -277,7 +233,7 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
             limit=limit + 1,
             offset=offset,
         )
-        return _page(rows, limit, offset)
+        return page(rows, limit, offset)
 
     @app.get("/runs/{run_id}", dependencies=guarded, response_model=RunDetail)
     def run_(db: Db, run_id: str) -> RunDetail:
@@ -297,12 +253,12 @@ def create_app(database_url: str | None = None, token: str | None = None) -> Fas
     @app.get("/sites/{site}/items", dependencies=guarded, response_model=Page[ItemRow])
     def items_(
         db: Db, site: str, region: str | None = None, limit: Limit = 100, offset: Offset = 0
-    ) -> dict[str, Any]:
+    ) -> Page[ItemRow]:
         """The latest data of every item of the site, by region then key."""
         check_site(db, site)  # on every page: an unknown site is 404 at any offset
         check_region(db, region, site)
-        rows = list_items_page(db, site, region=region, limit=limit + 1, offset=offset)
-        return _page(rows, limit, offset)
+        rows = list_items(db, site, region=region, limit=limit + 1, offset=offset)
+        return page(rows, limit, offset)
 
     @app.get("/sites/{site}/compare", dependencies=guarded, response_model=CompareResult)
     def compare_(

@@ -26,7 +26,7 @@ number) get a spread: min, max and max/min.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from datetime import datetime
 from itertools import groupby
 from typing import Any, Literal
@@ -106,6 +106,29 @@ class CompareRow(_Model):
     noisy: list[str] = []  # fields that vary inside at least one region
     # With samples > 1: field -> region -> every distinct value its samples saw.
     samples: dict[str, dict[str, list[Any]]] = {}
+
+
+def flat_cells(
+    row: CompareRow,
+    fields: Sequence[str],
+    regions: Sequence[str],
+    ranged: Container[str] | None = None,
+) -> dict[str, Any]:
+    """A compare row's cells as flat columns, per field: FIELD.REGION for each
+    region, FIELD.min/.max/.ratio, FIELD.verdict (`compare --format csv` and
+    `export --kind compare`). `ranged`: the fields that always get min/max/ratio
+    (empty when the row has no spread); None: the fields this row has a spread of."""
+    flat: dict[str, Any] = {}
+    for field in fields:
+        for region in regions:
+            flat[f"{field}.{region}"] = row.values[field][region]
+        spread = row.spread.get(field)
+        if field in ranged if ranged is not None else spread is not None:
+            flat[f"{field}.min"] = spread.min if spread else None
+            flat[f"{field}.max"] = spread.max if spread else None
+            flat[f"{field}.ratio"] = spread.ratio if spread else None
+        flat[f"{field}.verdict"] = row.verdicts.get(field)
+    return flat
 
 
 class FieldSummary(_Model):

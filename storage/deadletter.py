@@ -27,6 +27,7 @@ from typing import Any
 
 from kombu import Consumer
 from kombu.message import Message
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -179,3 +180,30 @@ def requeue(session: Session, run_id: str, publish: Callable[[Job], None]) -> Jo
     session.flush()
     publish(job)  # after the writes: a failed publish rolls them back
     return job
+
+
+class DeadJobRow(BaseModel):
+    """One row of `geoscrape dead` and the dashboard's dead jobs page."""
+
+    model_config = ConfigDict(frozen=True, from_attributes=True)
+
+    run_id: str
+    site: str
+    region: str
+    reason: str
+    error: str | None
+    attempts: int
+    dead_at: datetime
+    requeued_at: datetime | None
+
+
+def list_dead_jobs(
+    session: Session, site: str | None = None, requeued: bool = False
+) -> list[DeadJobRow]:
+    """Dead jobs, newest first; `requeued`: also those already requeued."""
+    stmt = select(DeadJob).order_by(DeadJob.dead_at.desc())
+    if site is not None:
+        stmt = stmt.where(DeadJob.site == site)
+    if not requeued:
+        stmt = stmt.where(DeadJob.requeued_at.is_(None))
+    return [DeadJobRow.model_validate(d) for d in session.scalars(stmt)]

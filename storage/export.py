@@ -29,7 +29,7 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from storage.compare import Comparison
+from storage.compare import Comparison, flat_cells
 from storage.errors import QueryError
 from storage.models import contents, items, observations
 from storage.snapshots import STREAM_CHUNK, declared_fields, require_site, site_config
@@ -204,22 +204,14 @@ def compare_table(
         columns[f"{field}.verdict"] = "string"  # same | differs | noisy | missing
 
     def records() -> Iterator[dict[str, Any]]:
+        ranged = {field for field in cmp.fields if f"{field}.min" in columns}
         for row in cmp.rows():
-            record: dict[str, Any] = {
+            yield {
                 "key": row.key,
                 "missing": ",".join(row.missing),
                 "differs": ",".join(row.differs),
+                **flat_cells(row, cmp.fields, cmp.regions, ranged),
             }
-            for field in cmp.fields:
-                for reg in cmp.regions:
-                    record[f"{field}.{reg}"] = row.values[field][reg]
-                if f"{field}.min" in columns:
-                    spread = row.spread.get(field)
-                    record[f"{field}.min"] = spread.min if spread else None
-                    record[f"{field}.max"] = spread.max if spread else None
-                    record[f"{field}.ratio"] = spread.ratio if spread else None
-                record[f"{field}.verdict"] = row.verdicts.get(field)
-            yield record
 
     return Table(columns, records())
 

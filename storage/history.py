@@ -31,6 +31,7 @@ from storage.snapshots import (
     snapshot_hashes,
     snapshot_runs,
 )
+from storage.validate import check_region
 
 
 class _Model(BaseModel):
@@ -72,6 +73,7 @@ def history(
     regions = [region] if region else site_regions(session, site)
     if region:
         require_site(session, site)
+        check_region(session, region, site)  # the message every front gives for it
     stmt = (
         select(
             observations.c.region,
@@ -173,6 +175,7 @@ def changes(
     regions = [region] if region else site_regions(session, site)
     if region:
         require_site(session, site)
+        check_region(session, region, site)  # the message every front gives for it
     raw: list[tuple[str, str, ChangeKind, datetime, str, str | None, str | None]] = []
     for reg in regions:
         chain = snapshot_runs(session, site, reg)

@@ -29,6 +29,7 @@ from typing import Any, cast
 from sqlalchemy import (
     JSON,
     BigInteger,
+    ColumnElement,
     DateTime,
     Dialect,
     ForeignKey,
@@ -41,6 +42,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -353,3 +355,19 @@ item_samples = cast(Table, ItemSample.__table__)
 fetch_samples = cast(Table, FetchSample.__table__)
 bodies = cast(Table, Body.__table__)
 alerts = cast(Table, Alert.__table__)
+
+
+def run_time() -> ColumnElement[Any]:
+    """A run's time for "newest" and time windows everywhere: finished, else
+    started, else queued (a run known only from a late message may lack any one)."""
+    return func.coalesce(runs.c.finished_at, runs.c.started_at, runs.c.queued_at)
+
+
+def newest_first() -> tuple[ColumnElement[Any], ...]:
+    """The one ORDER BY for runs, newest first (ties by id, so pages are stable)."""
+    return (run_time().desc().nulls_last(), runs.c.id.desc())
+
+
+def oldest_first() -> tuple[ColumnElement[Any], ...]:
+    """newest_first() reversed: the chains that history, changes and access walk."""
+    return (run_time().nulls_first(), runs.c.id)

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from regions.messages import RunStats
 from scheduler.config import Expect
-from storage.models import contents, observations, runs
+from storage.models import contents, newest_first, observations, runs
 
 
 class Reason(BaseModel):
@@ -66,7 +66,7 @@ def _earlier_counts(session: Session, site: str, region: str, run_id: str, limit
             runs.c.status == "succeeded",
             runs.c.id != run_id,
         )
-        .order_by(runs.c.finished_at.desc().nulls_last(), runs.c.id.desc())
+        .order_by(*newest_first())
         .limit(limit)
     )
     return [int((stats or {}).get("items", 0)) for (stats,) in session.execute(stmt)]

@@ -1,24 +1,38 @@
-"""Read-side queries of the store, returning typed, immutable rows."""
+"""Read-side queries of the store, returning typed, immutable rows (pydantic).
+
+Every statement the fronts (CLI, API, dashboard, beat) need lives in
+`storage/`; they call these functions and render what comes back. Runs are
+ordered newest first by `storage.models.newest_first()`, and paged lists go
+through `page()`.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from storage.models import FetchRecord, Item, Run, Worker
+from regions.messages import FINAL_STATUSES
+from storage.models import FetchRecord, Item, Run, Worker, newest_first, run_time, runs
 
 log = logging.getLogger("geoscrape.store")
 
+T = TypeVar("T")
 
-@dataclass(frozen=True, slots=True)
-class RunRow:
+
+class _Row(BaseModel):
+    model_config = ConfigDict(frozen=True, from_attributes=True)  # .model_validate(orm_row)
+
+
+class RunFields(_Row):
+    """What every view of a run starts with (RunRow; runinfo.RunDetail adds more)."""
+
     id: str
     site: str
     region: str
@@ -29,6 +43,9 @@ class RunRow:
     started_at: datetime | None
     finished_at: datetime | None
     worker: str | None
+
+
+class RunRow(RunFields):
     stats: dict[str, Any]
     error: str | None
     code_version: str | None = None  # the deployed code bundle it ran (geoscrape deploy)
@@ -42,26 +59,10 @@ class RunRow:
 
     @classmethod
     def of(cls, run: Run) -> RunRow:
-        return cls(
-            id=run.id,
-            site=run.site,
-            region=run.region,
-            trigger=run.trigger,
-            tick=run.tick,
-            status=run.status,
-            queued_at=run.queued_at,
-            started_at=run.started_at,
-            finished_at=run.finished_at,
-            worker=run.worker,
-            stats=dict(run.stats or {}),
-            error=run.error,
-            code_version=run.code_version,
-            egress=dict(run.egress) if run.egress is not None else None,
-        )
+        return cls.model_validate(run)
 
 
-@dataclass(frozen=True, slots=True)
-class ItemRow:
+class ItemRow(_Row):
     site: str
     region: str
     key: str
@@ -74,21 +75,10 @@ class ItemRow:
 
     @classmethod
     def of(cls, item: Item) -> ItemRow:
-        return cls(
-            site=item.site,
-            region=item.region,
-            key=item.key,
-            url=item.url,
-            data=dict(item.data),
-            first_run_id=item.first_run_id,
-            last_run_id=item.last_run_id,
-            first_seen_at=item.first_seen_at,
-            last_seen_at=item.last_seen_at,
-        )
+        return cls.model_validate(item)
 
 
-@dataclass(frozen=True, slots=True)
-class FetchRow:
+class FetchRow(_Row):
     run_id: str
     region: str
     url: str
@@ -101,17 +91,27 @@ class FetchRow:
 
     @classmethod
     def of(cls, fetch: FetchRecord) -> FetchRow:
-        return cls(
-            run_id=fetch.run_id,
-            region=fetch.region,
-            url=fetch.url,
-            status=fetch.status,
-            bytes=fetch.bytes,
-            error=fetch.error,
-            final_url=fetch.final_url,
-            fetched_at=fetch.fetched_at,
-            exit_address=fetch.exit_address,
-        )
+        return cls.model_validate(fetch)
+
+
+# --- paging -----------------------------------------------------------------------
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    limit: int
+    offset: int
+    next_offset: int | None  # None on the last page
+
+
+def page(rows: Sequence[T], limit: int, offset: int) -> Page[T]:
+    """A page from `limit + 1` rows fetched at `offset`: the extra one says whether more follow."""
+    return Page(
+        data=list(rows[:limit]),
+        limit=limit,
+        offset=offset,
+        next_offset=offset + limit if len(rows) > limit else None,
+    )
 
 
 def list_runs(
@@ -119,20 +119,29 @@ def list_runs(
     site: str | None = None,
     region: str | None = None,
     status: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
     limit: int = 50,
+    offset: int = 0,
 ) -> list[RunRow]:
-    """Runs, newest first (by queued time, else start, else finish time)."""
+    """Runs, newest first (storage.models.run_time: finished, else started, else
+    queued), filtered by site, region, status and a window [since, until) on that time."""
     stmt = select(Run)
-    if site is not None:
-        stmt = stmt.where(Run.site == site)
-    if region is not None:
-        stmt = stmt.where(Run.region == region)
-    if status is not None:
-        stmt = stmt.where(Run.status == status)
-    # A run known only from a late message has no queued_at yet.
-    newest = func.coalesce(Run.queued_at, Run.started_at, Run.finished_at)
-    stmt = stmt.order_by(newest.desc().nulls_last(), Run.id.desc()).limit(limit)
+    for column, value in ((Run.site, site), (Run.region, region), (Run.status, status)):
+        if value is not None:
+            stmt = stmt.where(column == value)
+    if since is not None:
+        stmt = stmt.where(run_time() >= since)
+    if until is not None:
+        stmt = stmt.where(run_time() < until)
+    stmt = stmt.order_by(*newest_first()).limit(limit).offset(offset)
     return [RunRow.of(r) for r in session.scalars(stmt)]
+
+
+def in_progress(session: Session, limit: int = 100) -> list[RunRow]:
+    """Runs not yet in a final status, newest first."""
+    stmt = select(Run).where(Run.status.not_in(FINAL_STATUSES))
+    return [RunRow.of(r) for r in session.scalars(stmt.order_by(*newest_first()).limit(limit))]
 
 
 def get_runs(session: Session, run_ids: Sequence[str]) -> list[RunRow]:
@@ -143,12 +152,19 @@ def get_runs(session: Session, run_ids: Sequence[str]) -> list[RunRow]:
     return [RunRow.of(found[i]) for i in dict.fromkeys(run_ids) if i in found]
 
 
-def list_items(session: Session, site: str, region: str | None = None) -> list[ItemRow]:
-    """The latest data of every item of ``site``, ordered by region then key."""
+def list_items(
+    session: Session,
+    site: str,
+    region: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[ItemRow]:
+    """The latest data of every item of ``site``, ordered by region then key
+    (`limit`/`offset`: one page of it)."""
     stmt = select(Item).where(Item.site == site)
     if region is not None:
         stmt = stmt.where(Item.region == region)
-    stmt = stmt.order_by(Item.region, Item.key)
+    stmt = stmt.order_by(Item.region, Item.key).limit(limit).offset(offset)
     return [ItemRow.of(i) for i in session.scalars(stmt)]
 
 
@@ -165,8 +181,7 @@ def list_fetches(session: Session, run_id: str) -> list[FetchRow]:
 # --- workers and status (geoscrape status) ------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerRow:
+class WorkerRow(_Row):
     name: str
     region: str
     host: str
@@ -179,17 +194,7 @@ class WorkerRow:
 
     @classmethod
     def of(cls, worker: Worker) -> WorkerRow:
-        return cls(
-            name=worker.name,
-            region=worker.region,
-            host=worker.host,
-            pid=worker.pid,
-            egress=worker.egress,
-            started_at=worker.started_at,
-            last_seen_at=worker.last_seen_at,
-            stopped_at=worker.stopped_at,
-            exits=list(worker.exits) if worker.exits is not None else None,
-        )
+        return cls.model_validate(worker)
 
 
 def live_workers(session: Session, seen_since: datetime) -> list[WorkerRow]:
@@ -204,14 +209,10 @@ def live_workers(session: Session, seen_since: datetime) -> list[WorkerRow]:
 
 def last_runs(session: Session) -> list[RunRow]:
     """The newest run of every (site, region), ordered by region then site."""
-    newest = func.coalesce(Run.queued_at, Run.started_at, Run.finished_at)
     ranked = select(
         Run.id,
         func.row_number()
-        .over(
-            partition_by=(Run.site, Run.region),
-            order_by=(newest.desc().nulls_last(), Run.id.desc()),
-        )
+        .over(partition_by=(Run.site, Run.region), order_by=newest_first())
         .label("n"),
     ).subquery()
     stmt = (
@@ -221,45 +222,6 @@ def last_runs(session: Session) -> list[RunRow]:
         .order_by(Run.region, Run.site)
     )
     return [RunRow.of(r) for r in session.scalars(stmt)]
-
-
-# --- paged lists (the HTTP API, exports) ----------------------------------------
-
-
-def list_runs_page(
-    session: Session,
-    site: str | None = None,
-    region: str | None = None,
-    status: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: int = 50,
-    offset: int = 0,
-) -> list[RunRow]:
-    """Like list_runs, plus a time window on the run's time (queued, else started,
-    else finished) and an offset."""
-    newest = func.coalesce(Run.queued_at, Run.started_at, Run.finished_at)
-    stmt = select(Run)
-    for column, value in ((Run.site, site), (Run.region, region), (Run.status, status)):
-        if value is not None:
-            stmt = stmt.where(column == value)
-    if since is not None:
-        stmt = stmt.where(newest >= since)
-    if until is not None:
-        stmt = stmt.where(newest < until)
-    stmt = stmt.order_by(newest.desc().nulls_last(), Run.id.desc()).limit(limit).offset(offset)
-    return [RunRow.of(r) for r in session.scalars(stmt)]
-
-
-def list_items_page(
-    session: Session, site: str, region: str | None = None, limit: int = 100, offset: int = 0
-) -> list[ItemRow]:
-    """A page of list_items (by region, then key)."""
-    stmt = select(Item).where(Item.site == site)
-    if region is not None:
-        stmt = stmt.where(Item.region == region)
-    stmt = stmt.order_by(Item.region, Item.key).limit(limit).offset(offset)
-    return [ItemRow.of(i) for i in session.scalars(stmt)]
 
 
 def open_run(
@@ -303,3 +265,71 @@ def open_run_checker(
             return None
 
     return check
+
+
+# --- sites (GET /sites) ------------------------------------------------------------
+
+
+class SiteRow(_Row):
+    name: str
+    regions: list[str]
+    runs: int
+    last_run_at: datetime | None
+
+
+def list_sites(session: Session, limit: int = 100, offset: int = 0) -> list[SiteRow]:
+    """Every site with runs in the store, by name: its regions, run count and newest run time."""
+    stmt = (
+        select(runs.c.site, func.count(), func.max(run_time()))
+        .group_by(runs.c.site)
+        .order_by(runs.c.site)
+        .limit(limit)
+        .offset(offset)
+    )
+    found = []
+    for name, count, last in session.execute(stmt).all():
+        regions = session.scalars(
+            select(runs.c.region).where(runs.c.site == name).distinct().order_by(runs.c.region)
+        ).all()
+        found.append(SiteRow(name=name, regions=list(regions), runs=count, last_run_at=last))
+    return found
+
+
+# --- /metrics -----------------------------------------------------------------------
+
+
+class RunCount(_Row):
+    site: str
+    region: str
+    status: str
+    count: int
+
+
+class StoreCounts(_Row):
+    """What /metrics reads from the store on each scrape."""
+
+    runs: list[RunCount]
+    pages: dict[str, int]  # region -> pages fetched by its runs
+    items: dict[str, int]  # region -> items extracted by its runs
+    regions: list[str]  # every region with a run, sorted
+    newest_heartbeat: datetime | None  # the newest worker heartbeat stored
+
+
+def store_counts(session: Session) -> StoreCounts:
+    counted = session.execute(
+        select(Run.site, Run.region, Run.status, func.count()).group_by(
+            Run.site, Run.region, Run.status
+        )
+    )
+    pages: dict[str, int] = {}
+    items: dict[str, int] = {}
+    for region, stats in session.execute(select(Run.region, Run.stats)):
+        pages[region] = pages.get(region, 0) + int((stats or {}).get("pages", 0) or 0)
+        items[region] = items.get(region, 0) + int((stats or {}).get("items", 0) or 0)
+    return StoreCounts(
+        runs=[RunCount(site=s, region=r, status=st, count=n) for s, r, st, n in counted],
+        pages=pages,
+        items=items,
+        regions=sorted(set(session.scalars(select(Run.region).distinct()))),
+        newest_heartbeat=session.scalar(select(func.max(Worker.last_seen_at))),
+    )

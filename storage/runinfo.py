@@ -1,13 +1,14 @@
 """The full story of one run: `geoscrape runs show RUN`, `geoscrape fetches RUN`,
-`GET /runs/{id}` and `GET /runs/{id}/fetches` (same models, same errors).
+`GET /runs/{id}` and `GET /runs/{id}/fetches` (same models, same errors), and
+the dashboard's run page (`run_page`, from the same lookups).
 
 A run id may be given by a unique prefix, as `geoscrape dead requeue` takes it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
+from collections import Counter
 from datetime import datetime
 from typing import Any
 
@@ -17,24 +18,13 @@ from sqlalchemy.orm import Session
 
 from storage.errors import NotFoundError, QueryError
 from storage.models import Run, Worker, fetch_samples, fetches
-from storage.queries import RunRow
+from storage.queries import RunFields, RunRow
+from storage.validate import check_fetch_status
 
-# "4xx", "5xx", "404", or "error" (no HTTP response at all).
-STATUS_FILTER = re.compile(r"^(?:[1-9]xx|[1-9][0-9]{2})$")
 LIMIT_NOTE = re.compile(r"limit reached: [^;\n]+")
 
 
-class RunDetail(BaseModel):
-    id: str
-    site: str
-    region: str
-    trigger: str
-    tick: str | None
-    status: str
-    queued_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    worker: str | None
+class RunDetail(RunFields):
     egress: str | None  # the worker's source address towards the broker, when known
     # Where the run's traffic left from (regions.messages.EgressAttestation), and
     # the deployed code it ran: None for runs from before either existed.
@@ -92,7 +82,7 @@ def run_detail(session: Session, run_id: str) -> RunDetail:
         address = session.scalar(select(Worker.egress).where(Worker.name == run.worker))
     # The listing's row (storage.queries.RunRow) plus what only the full story shows;
     # its `egress` (the attestation) is `attestation` here, `egress` the worker's address.
-    row = dataclasses.asdict(RunRow.of(run))
+    row = RunRow.of(run).model_dump()
     return RunDetail(
         **{k: v for k, v in row.items() if k != "egress"},
         egress=address,
@@ -103,31 +93,37 @@ def run_detail(session: Session, run_id: str) -> RunDetail:
     )
 
 
-def check_status_filter(status: str | None) -> None:
-    if status is not None and not STATUS_FILTER.match(status):
-        raise QueryError(f"status: {status!r} is not an HTTP status or class (e.g. 404, 4xx)")
-
-
 def run_fetches(
     session: Session, run_id: str, *, status: str | None = None, errors: bool = False
 ) -> FetchList:
     """The run's fetches in order; `status` 404 or 4xx; `errors`: failed ones only
     (no HTTP response, or a status of 400 and above)."""
-    check_status_filter(status)
+    check_fetch_status(status)
     run = find_run(session, run_id)
+    return FetchList(
+        run_id=run.id,
+        site=run.site,
+        region=run.region,
+        fetches=_fetches(session, run.id, status=status, errors=errors),
+    )
+
+
+def _fetches(
+    session: Session, run_id: str, *, status: str | None = None, errors: bool = False
+) -> list[FetchDetail]:
     cols = ("url", "status", "bytes", "error", "final_url", "fetched_at", "sha256", "block")
     first = select(
         *(fetches.c[c] for c in cols),
         fetches.c.exit_address,
         fetches.c.id.label("n"),
         literal(0, Integer).label("sample"),
-    ).where(fetches.c.run_id == run.id)
+    ).where(fetches.c.run_id == run_id)
     more = select(  # the extra samples of compare.samples (storage.models.fetch_samples)
         *(fetch_samples.c[c] for c in cols),
         null().cast(String).label("exit_address"),
         fetch_samples.c.id.label("n"),
         fetch_samples.c.sample,
-    ).where(fetch_samples.c.run_id == run.id)
+    ).where(fetch_samples.c.run_id == run_id)
     both = union_all(first, more).subquery()
     stmt = select(both)
     if status is not None:
@@ -141,9 +137,38 @@ def run_fetches(
             or_(both.c.status.is_(None), both.c.status >= 400, both.c.error.is_not(None))
         )
     rows = session.execute(stmt.order_by(both.c.sample, both.c.fetched_at, both.c.n)).mappings()
-    return FetchList(
-        run_id=run.id,
-        site=run.site,
-        region=run.region,
-        fetches=[FetchDetail.model_validate(dict(r)) for r in rows],
+    return [FetchDetail.model_validate(dict(r)) for r in rows]
+
+
+MAX_FAILED_SHOWN = 200
+
+
+class RunPage(BaseModel):
+    """The dashboard's run page: the listing's row, the job as dispatched, status
+    codes and failed fetches of the run's own fetches (not compare samples)."""
+
+    run: RunRow
+    job: dict[str, Any] | None
+    attempts: int
+    status_codes: list[tuple[str, int]]  # ("200", 11), ("error", 2)
+    failed: list[FetchDetail]  # no response or a status >= 400, the first MAX_FAILED_SHOWN
+    limits: list[str]  # each limit reached
+
+
+def run_page(session: Session, run_id: str) -> RunPage:
+    run = find_run(session, run_id)
+    own = [f for f in _fetches(session, run.id) if f.sample == 0]
+    codes = Counter("error" if f.status is None else str(f.status) for f in own)
+    failed = [f for f in own if f.status is None or f.status >= 400]
+    # The runner reports limits as "limit reached: a; b" in a succeeded run's error.
+    limits = []
+    if run.error and run.error.startswith("limit reached: "):
+        limits = run.error.removeprefix("limit reached: ").split("; ")
+    return RunPage(
+        run=RunRow.of(run),
+        job=run.job,
+        attempts=run.attempts,
+        status_codes=sorted(codes.items()),
+        failed=failed[:MAX_FAILED_SHOWN],
+        limits=limits,
     )

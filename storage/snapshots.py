@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, exists, func, select
+from sqlalchemy import ColumnElement, exists, select
 from sqlalchemy.orm import Session
 
 from storage.errors import NotFoundError
-from storage.models import contents, observations, runs
+from storage.models import contents, newest_first, observations, oldest_first, runs
 
 STREAM_CHUNK = 2000  # rows fetched per round trip when streaming
 
@@ -48,6 +48,7 @@ class RunRef:
 
     @property
     def at(self) -> datetime | None:
+        """storage.models.run_time, in Python."""
         return self.finished_at or self.started_at or self.queued_at
 
 
@@ -96,8 +97,7 @@ def site_runs(session: Session, site: str, region: str | None = None) -> list[Ru
     stmt = select(*_run_columns()).where(runs.c.site == site)
     if region is not None:
         stmt = stmt.where(runs.c.region == region)
-    when = func.coalesce(runs.c.finished_at, runs.c.started_at, runs.c.queued_at)
-    found = _run_refs(session, stmt.order_by(when.nulls_first(), runs.c.id))
+    found = _run_refs(session, stmt.order_by(*oldest_first()))
     if not found:
         require_site(session, site)
         if region is not None:
@@ -129,7 +129,7 @@ def latest_succeeded(
         stmt = (
             select(*_run_columns())
             .where(runs.c.site == site, runs.c.status == "succeeded", runs.c.region == region)
-            .order_by(runs.c.finished_at.desc().nulls_last(), runs.c.id.desc())
+            .order_by(*newest_first())
         )
         if not verified_only:
             stmt = stmt.limit(1)
@@ -160,7 +160,7 @@ def snapshot_runs(session: Session, site: str, region: str) -> list[RunRef]:
     stmt = (
         select(*_run_columns())
         .where(runs.c.site == site, runs.c.region == region, runs.c.status == "succeeded", saw)
-        .order_by(runs.c.finished_at.nulls_first(), runs.c.id)
+        .order_by(*oldest_first())
     )
     return _run_refs(session, stmt)
 
@@ -170,7 +170,7 @@ def site_config(session: Session, site: str) -> dict[str, Any]:
     stmt = (
         select(runs.c.job)
         .where(runs.c.site == site, runs.c.job.is_not(None))
-        .order_by(runs.c.queued_at.desc().nulls_last())
+        .order_by(*newest_first())
         .limit(1)
     )
     job = session.scalar(stmt)

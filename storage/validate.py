@@ -8,6 +8,7 @@ QueryError (400).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from sqlalchemy import select
@@ -19,12 +20,20 @@ from storage.models import runs
 from storage.snapshots import require_site
 
 RUN_STATUSES: tuple[str, ...] = RunStatus.__args__  # type: ignore[attr-defined]
+# A fetch status filter: "404", or a class such as "4xx".
+FETCH_STATUS = re.compile(r"^(?:[1-9]xx|[1-9][0-9]{2})$")
 
 
 def check_status(status: str | None) -> None:
     if status is not None and status not in RUN_STATUSES:
         known = ", ".join(sorted(RUN_STATUSES))
         raise QueryError(f"status: {status!r} is not a run status (one of: {known})")
+
+
+def check_fetch_status(status: str | None) -> None:
+    """The `status` filter of `fetches` / `GET /runs/{id}/fetches`."""
+    if status is not None and not FETCH_STATUS.match(status):
+        raise QueryError(f"status: {status!r} is not an HTTP status or class (e.g. 404, 4xx)")
 
 
 def check_site(session: Session, site: str | None) -> None:

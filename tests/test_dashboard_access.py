@@ -50,6 +50,32 @@ def test_unknown_site_and_run_are_404s_and_requeue_is_refused(sqlite_url: str) -
         assert "Requeue" not in requests.get(f"{base}/ui/dead", timeout=30).text
 
 
+def test_run_page_and_metrics_read_through_the_query_layer(sqlite_url: str) -> None:
+    """The run page (storage.runinfo.run_page) and /metrics (storage.queries.store_counts)
+    show what the store holds; test_dashboard.py checks them in a browser too."""
+    build_store(sqlite_url)
+    with api_server(sqlite_url) as base:
+        page = requests.get(f"{base}/ui/runs/t1-asia", timeout=30)
+        assert page.status_code == 200, page.text
+        assert '<p id="codes">200x1 451x1 </p>' in page.text
+        failed = page.text.split('<table id="failed">')[1].split("</table>")[0]
+        assert failed.count("<tr><td>") == 1  # the 451, not the 200 that ended on a captcha
+        assert "<td>https://shop.example/prices</td><td>451</td>" in failed
+        assert "&#34;dispatched_at&#34;" in page.text  # the job as dispatched
+        # A unique prefix finds the run (as `runs show` does); an ambiguous one is a 404 page.
+        assert "Run t1-asia" in requests.get(f"{base}/ui/runs/t1-a", timeout=30).text
+        assert requests.get(f"{base}/ui/runs/t1", timeout=30).status_code == 404
+
+        metrics = requests.get(f"{base}/metrics", timeout=30).text
+        for line in (
+            'geoscrape_runs_total{region="eu",site="shop",status="succeeded"} 2.0',
+            'geoscrape_pages_total{region="asia"} 4.0',
+            'geoscrape_items_total{region="eu"} 6.0',
+            'geoscrape_items_total{region="us"} 5.0',
+        ):
+            assert line in metrics.splitlines(), metrics
+
+
 def test_demo_hint_says_what_it_observes(vhost_url: str) -> None:
     with connect(vhost_url) as conn:
         declare_topology(conn, ["eu"])

@@ -227,9 +227,36 @@ def assert_run_stored(store: Store, run_id: str) -> None:
         (run_id, "c", {"price": 30}),
     ]
     assert store.fetches(run_id) == [
-        FetchRow(run_id, "eu", "https://shop.example/", 200, 1200, None, None, at(2)),
-        FetchRow(run_id, "eu", "https://shop.example/2", 200, 1800, None, None, at(3)),
-        FetchRow(run_id, "eu", "https://shop.example/gone", None, 0, "refused", None, at(3)),
+        FetchRow(
+            run_id=run_id,
+            region="eu",
+            url="https://shop.example/",
+            status=200,
+            bytes=1200,
+            error=None,
+            final_url=None,
+            fetched_at=at(2),
+        ),
+        FetchRow(
+            run_id=run_id,
+            region="eu",
+            url="https://shop.example/2",
+            status=200,
+            bytes=1800,
+            error=None,
+            final_url=None,
+            fetched_at=at(3),
+        ),
+        FetchRow(
+            run_id=run_id,
+            region="eu",
+            url="https://shop.example/gone",
+            status=None,
+            bytes=0,
+            error="refused",
+            final_url=None,
+            fetched_at=at(3),
+        ),
     ]
 
 

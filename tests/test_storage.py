@@ -304,18 +304,50 @@ def test_item_batch_applied_twice_changes_nothing(sessions: sessionmaker[Session
     ]
     assert item_rows(sessions) == [
         ItemRow(
-            "shop", "eu", "a", "https://shop.example/p/a", {"sku": "a", "price": 10},
-            "r1", "r1", at(2), at(2),
+            site="shop",
+            region="eu",
+            key="a",
+            url="https://shop.example/p/a",
+            data={"sku": "a", "price": 10},
+            first_run_id="r1",
+            last_run_id="r1",
+            first_seen_at=at(2),
+            last_seen_at=at(2),
         ),
         ItemRow(
-            "shop", "eu", "b", "https://shop.example/p/b", {"sku": "b", "price": 20},
-            "r1", "r1", at(2), at(2),
+            site="shop",
+            region="eu",
+            key="b",
+            url="https://shop.example/p/b",
+            data={"sku": "b", "price": 20},
+            first_run_id="r1",
+            last_run_id="r1",
+            first_seen_at=at(2),
+            last_seen_at=at(2),
         ),
-    ]  # fmt: skip
+    ]
     with sessions() as session:
         assert list_fetches(session, "r1") == [
-            FetchRow("r1", "eu", "https://shop.example/1", 200, 1000, None, None, at(2)),
-            FetchRow("r1", "eu", "https://shop.example/2", 200, 1001, None, None, at(2)),
+            FetchRow(
+                run_id="r1",
+                region="eu",
+                url="https://shop.example/1",
+                status=200,
+                bytes=1000,
+                error=None,
+                final_url=None,
+                fetched_at=at(2),
+            ),
+            FetchRow(
+                run_id="r1",
+                region="eu",
+                url="https://shop.example/2",
+                status=200,
+                bytes=1001,
+                error=None,
+                final_url=None,
+                fetched_at=at(2),
+            ),
         ]
     assert run_row(sessions, "r1").status == "running"
 
@@ -445,9 +477,19 @@ def test_batch_before_run_queued(sessions: sessionmaker[Session]) -> None:
     assert count(sessions, observations) == 1
     apply(sessions, queued("r1"), started("r1"), finished("r1"))
     assert run_row(sessions, "r1") == RunRow(
-        "r1", "shop", "eu", "schedule", "t1", "succeeded",
-        at(0), at(1), at(3), "w-eu-1", FINAL_STATS, None,
-    )  # fmt: skip
+        id="r1",
+        site="shop",
+        region="eu",
+        trigger="schedule",
+        tick="t1",
+        status="succeeded",
+        queued_at=at(0),
+        started_at=at(1),
+        finished_at=at(3),
+        worker="w-eu-1",
+        stats=FINAL_STATS,
+        error=None,
+    )
     assert [(i.key, i.data, i.first_run_id) for i in item_rows(sessions)] == [
         ("a", {"sku": "a", "price": 1}, "r1")
     ]
@@ -461,14 +503,28 @@ def test_old_batch_redelivered_does_not_overwrite_newer_data(
     apply(sessions, old, new)
     expected = [
         ItemRow(
-            "shop", "eu", "a", "https://shop.example/p/a", {"sku": "a", "price": 12},
-            "r1", "r2", at(2), at(62),
+            site="shop",
+            region="eu",
+            key="a",
+            url="https://shop.example/p/a",
+            data={"sku": "a", "price": 12},
+            first_run_id="r1",
+            last_run_id="r2",
+            first_seen_at=at(2),
+            last_seen_at=at(62),
         ),
         ItemRow(
-            "shop", "eu", "b", "https://shop.example/p/b", {"sku": "b", "price": 20},
-            "r1", "r1", at(2), at(2),
+            site="shop",
+            region="eu",
+            key="b",
+            url="https://shop.example/p/b",
+            data={"sku": "b", "price": 20},
+            first_run_id="r1",
+            last_run_id="r1",
+            first_seen_at=at(2),
+            last_seen_at=at(2),
         ),
-    ]  # fmt: skip
+    ]
     assert item_rows(sessions) == expected
     before = dump(sessions)
     apply(sessions, old)
