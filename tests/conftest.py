@@ -23,6 +23,10 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 _paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 os.environ["PYTHONPATH"] = os.pathsep.join(_paths if _ROOT in _paths else [*_paths, _ROOT])
 
+# Every `geoscrape` a test starts prints its tables this wide, whatever terminal
+# (or none, or an xdist worker) the suite runs under: a narrower one cuts cells.
+os.environ["COLUMNS"] = "250"
+
 PG_ADMIN_DSN = os.environ.get(
     "GEOSCRAPE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
 )

@@ -293,6 +293,8 @@ def test_restart_after_all_beats_were_down_fires_only_the_latest_missed_tick(
 
     latest, nothing = after_down("latest"), after_down("nothing")
     print(f"\nafter 6 s down, first ticks fired: latest {latest[:2]}, none {nothing[:2]}")
+    # How many ticks were missed grows with how long the restarted beat took to
+    # start on a loaded machine: at least the 6 s down, less the replay window.
     # Both sites are planned in the same pass: `latest` fires the most recent missed
     # tick (the one before `none`'s first), then both go on every second.
     assert nothing[0] - latest[0] == 1.0
@@ -300,10 +302,10 @@ def test_restart_after_all_beats_were_down_fires_only_the_latest_missed_tick(
     assert {b - a for a, b in itertools.pairwise(nothing)} == {1.0}
     assert latest[0] - down >= 4
     assert re.search(
-        r"site=latest region=eu: [4-9] missed tick\(s\) not fired \(catchup: latest\)", log
+        r"site=latest region=eu: ([4-9]|\d\d) missed tick\(s\) not fired \(catchup: latest\)", log
     )
     assert re.search(
-        r"site=nothing region=eu: [5-9] missed tick\(s\) not fired \(catchup: none\)", log
+        r"site=nothing region=eu: ([5-9]|\d\d) missed tick\(s\) not fired \(catchup: none\)", log
     )
     assert len(jobs) == len({(j.site, j.tick) for j in jobs})
 
