@@ -6,7 +6,6 @@ prints exactly the model the HTTP API returns for the same query.
 
 from __future__ import annotations
 
-import csv
 import enum
 import json
 from pathlib import Path
@@ -53,15 +52,12 @@ def print_json(model: BaseModel) -> None:
 
 
 def print_csv(rows: list[dict[str, Any]]) -> None:
+    from storage.export import write_csv
+
     names: dict[str, None] = {}
     for row in rows:
         names.update(dict.fromkeys(row))
-    writer = csv.DictWriter(out.file, fieldnames=list(names))
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(
-            {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()}
-        )
+    write_csv(out.file, list(names), rows)
 
 
 def register(app: typer.Typer) -> None:
@@ -86,7 +82,7 @@ def register(app: typer.Typer) -> None:
         """Compare SITE across regions: one row per key, one column per region per field."""
         from geoscrape.query_views import print_compare
         from storage.compare import compare as run_compare
-        from storage.compare import flat_cells
+        from storage.compare import compare_record
         from storage.errors import QueryError
 
         if latest and run_tick is not None:
@@ -103,18 +99,7 @@ def register(app: typer.Typer) -> None:
         if format is ViewFormat.json:
             print_json(result)
         elif format is ViewFormat.csv:
-            print_csv(
-                [
-                    {
-                        "key": row.key,
-                        **flat_cells(row, result.fields, result.regions),
-                        "differs": ",".join(row.differs),
-                        "noisy": ",".join(row.noisy),
-                        "missing": ",".join(row.missing),
-                    }
-                    for row in result.rows
-                ]
-            )
+            print_csv([compare_record(r, result.fields, result.regions) for r in result.rows])
         else:
             print_compare(out, result)
 

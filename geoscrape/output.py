@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import enum
 import json
 from collections.abc import Sequence
@@ -63,10 +62,10 @@ def print_runs(console: Console, runs: Sequence[RunRow], fmt: Format = Format.ta
             console.out(json.dumps(record, default=str), highlight=False)
         return
     if fmt is Format.csv:
+        from storage.export import write_csv
+
         fields = ["id", "site", "region", "status", "queued_at", "finished_at", "verified", "error"]
-        writer = csv.DictWriter(console.file, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(_run_record(r) for r in runs)
+        write_csv(console.file, fields, (_run_record(r) for r in runs))
         return
     if not runs:
         console.print("no runs")
@@ -113,9 +112,9 @@ def print_items(console: Console, items: Sequence[ItemRow], fmt: Format) -> None
         for item in items:
             console.out(json.dumps(_record(item), default=str), highlight=False)
     elif fmt is Format.csv:
-        writer = csv.DictWriter(console.file, fieldnames=["region", "key", "url", *_fields(items)])
-        writer.writeheader()
-        writer.writerows(_record(i) for i in items)
+        from storage.export import write_csv
+
+        write_csv(console.file, ["region", "key", "url", *_fields(items)], map(_record, items))
     else:
         if not items:
             console.print("no items")

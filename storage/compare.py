@@ -131,6 +131,24 @@ def flat_cells(
     return flat
 
 
+def compare_record(
+    row: CompareRow,
+    fields: Sequence[str],
+    regions: Sequence[str],
+    ranged: Container[str] | None = None,
+) -> dict[str, Any]:
+    """A compare row as one flat record: its key, which regions miss it, which
+    fields differ or are noisy, then flat_cells. The one flattening of
+    `compare --format csv` and `export --kind compare`."""
+    return {
+        "key": row.key,
+        "missing": ",".join(row.missing),
+        "differs": ",".join(row.differs),
+        "noisy": ",".join(row.noisy),
+        **flat_cells(row, fields, regions, ranged),
+    }
+
+
 class FieldSummary(_Model):
     field: str
     type: str  # declared type, or "number"/"str" when inferred

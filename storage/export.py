@@ -20,16 +20,16 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from storage.compare import Comparison, flat_cells
+from storage.compare import Comparison, compare_record
 from storage.errors import QueryError
 from storage.models import contents, items, observations
 from storage.snapshots import STREAM_CHUNK, declared_fields, require_site, site_config
@@ -192,7 +192,7 @@ def compare_table(
         only_diff=only_diff,
         regions=[region] if region else None,
     )
-    columns: dict[str, str] = {"key": "string", "missing": "string", "differs": "string"}
+    columns: dict[str, str] = dict.fromkeys(("key", "missing", "differs", "noisy"), "string")
     for field in cmp.fields:
         kind = _TYPE_OF.get(cmp.declared.get(field, "str"), "string")
         for reg in cmp.regions:
@@ -206,12 +206,7 @@ def compare_table(
     def records() -> Iterator[dict[str, Any]]:
         ranged = {field for field in cmp.fields if f"{field}.min" in columns}
         for row in cmp.rows():
-            yield {
-                "key": row.key,
-                "missing": ",".join(row.missing),
-                "differs": ",".join(row.differs),
-                **flat_cells(row, cmp.fields, cmp.regions, ranged),
-            }
+            yield compare_record(row, cmp.fields, cmp.regions, ranged)
 
     return Table(columns, records())
 
@@ -232,24 +227,46 @@ def _scalar(value: Any, kind: str) -> Any:
     return value
 
 
-def _write_csv(table: Table, path: Path) -> int:
+def csv_cell(value: Any) -> str:
+    """One CSV cell, the same from `export` and every `--format csv` of the CLI:
+    empty for None, ISO 8601 times, JSON for booleans, lists and objects."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bool | dict | list | tuple):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def write_csv(fh: IO[str], columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> int:
+    """The one CSV writer: a header of `columns`, then each row's cells in that order
+    (keys a row lacks are empty, keys outside `columns` left out). Returns the row count."""
+    writer = csv.writer(fh)
+    writer.writerow(columns)
     n = 0
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(table.columns)
-        for record in table.records:
-            row = []
-            for name, kind in table.columns.items():
-                value = record.get(name)
-                if value is None:
-                    row.append("")
-                elif kind == "timestamp":
-                    row.append(value.isoformat())
-                else:
-                    row.append(_scalar(value, kind if kind != "timestamp" else "string"))
-            writer.writerow(row)
-            n += 1
+    for row in rows:
+        writer.writerow([csv_cell(row.get(name)) for name in columns])
+        n += 1
     return n
+
+
+def _write_csv(table: Table, path: Path) -> int:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        return write_csv(
+            fh,
+            list(table.columns),
+            (
+                {
+                    name: value if kind == "timestamp" else _scalar(value, kind)
+                    for name, kind in table.columns.items()
+                    if (value := record.get(name)) is not None
+                }
+                for record in table.records
+            ),
+        )
 
 
 def _json_default(value: Any) -> Any:

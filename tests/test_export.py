@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -142,7 +144,7 @@ def test_100k_items_to_each_format_read_back_equal(big_store: Session, tmp_path:
     cmp = tmp_path / "compare.parquet"
     assert export(big_store, "big", cmp, kind="compare", fmt="parquet") == 50_000
     first = pq.read_table(cmp).slice(1, 1).to_pylist()
-    assert first == [{"key": "K000001", "missing": "", "differs": "name,price",
+    assert first == [{"key": "K000001", "missing": "", "differs": "name,price", "noisy": "",
                       "name.eu": item_data(1, "eu")["name"], "name.us": item_data(1, "us")["name"],
                       "name.verdict": "differs",
                       "price.eu": 0.37, "price.us": 1.87, "price.min": 0.37, "price.max": 1.87,
@@ -175,7 +177,7 @@ def test_cli_export_of_the_known_store(sqlite_url: str, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == f"wrote 3 compare rows to {target}"
     rows = [json.loads(line) for line in target.read_text().splitlines()]
-    assert rows[1] == {"key": "B", "missing": "asia", "differs": "price",
+    assert rows[1] == {"key": "B", "missing": "asia", "differs": "price", "noisy": "",
                        "name.asia": None, "name.eu": "Beta", "name.us": "Beta",
                        "name.verdict": "missing",
                        "price.asia": None, "price.eu": 20.0, "price.us": 25.0,
@@ -190,3 +192,22 @@ def test_cli_export_of_the_known_store(sqlite_url: str, tmp_path: Path) -> None:
         "us,A,https://shop.example/p/A,t2-us,2024-05-02T12:02:00+00:00,A,Alpha,10.0",
         "us,B,https://shop.example/p/B,t2-us,2024-05-02T12:02:00+00:00,B,Beta,25.0",
     ]
+
+
+def test_the_cli_and_export_write_the_same_csv(sqlite_url: str, tmp_path: Path) -> None:
+    """One CSV writer (storage.export.write_csv): `compare --format csv` prints the
+    bytes `export --kind compare` writes."""
+    build_store(sqlite_url)
+    target = tmp_path / "cmp.csv"
+    done = cli(sqlite_url, "export", "shop", "--kind", "compare", "-o", str(target))
+    assert done.returncode == 0, done.stderr
+    printed = cli(sqlite_url, "compare", "shop", "--format", "csv")
+    assert printed.returncode == 0, printed.stderr
+    # Export's columns are fixed by the declared types (min/max/ratio for every
+    # number), the CLI's by the rows: the same records, cell for cell.
+    exported = list(csv.DictReader(io.StringIO(target.read_text())))
+    shown = list(csv.DictReader(io.StringIO(printed.stdout)))
+    assert len(shown) == len(exported) == 3
+    for cli_row, export_row in zip(shown, exported, strict=True):
+        assert cli_row == {k: v for k, v in export_row.items() if k in cli_row}
+    assert printed.stdout.splitlines()[0].startswith("key,missing,differs,noisy,")
