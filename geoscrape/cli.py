@@ -247,9 +247,9 @@ def crawl(
 
     from regions.bus import check_broker
     from regions.messages import utcnow
+    from regions.units import parse_duration
     from scheduler.dispatch import plan_jobs, publish_jobs
     from scheduler.loader import load_config
-    from scheduler.units import parse_duration
     from storage.code import code_pinner
 
     loaded = load_config(config)

@@ -68,7 +68,6 @@ def plan_jobs(
                 f"site {site_name!r}: --distributed needs engine 'scrapy' with the generic spider"
             )
         resolved = resolved.model_copy(update={"distributed": True})
-    snapshot = resolved.model_dump(mode="json")
     now = utcnow()
     return [
         Job(
@@ -78,7 +77,7 @@ def plan_jobs(
             trigger=trigger,
             tick=tick,
             dispatched_at=now,
-            config=snapshot,
+            config=resolved,
             code=code,
         )
         for region in chosen

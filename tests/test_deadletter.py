@@ -14,6 +14,7 @@ from regions.app import CRAWL_TASK, make_app
 from regions.bus import connect, declare_topology, scrape_queue
 from regions.messages import Job, dump, utcnow
 from scheduler.dispatch import publish_jobs
+from scheduler.loader import parse_config
 from storage.deadletter import DeadLetter, apply_dead_letter
 from storage.models import DeadJob, Run
 from tests.harness import Stack, stack, wait_until
@@ -37,7 +38,7 @@ def job(region: str, **fields: object) -> Job:
         region=region,
         trigger="schedule",
         tick="shop@2024-01-01T00:00:00Z",
-        config={"name": "shop"},
+        config=parse_config(CONFIG).resolved_site("shop"),
         **fields,
     )
 
