@@ -96,7 +96,7 @@ def check(
 
 def _project_warnings(file: Path) -> list[str]:
     """The Scrapy project settings geoscrape overrides, per site with a local `project`."""
-    from scheduler.config import DEPLOYED_PREFIX
+    from regions.site import DEPLOYED_PREFIX
     from scheduler.loader import load_config
 
     config = load_config(file)

@@ -30,20 +30,16 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from regions.site import (
-    DEPLOYED_PREFIX,
     NAME_PATTERN,
     Access,
     Alerts,
     AllowHosts,
     AllowNetworks,
-    BlockSignature,
     Browser,
     CompareSettings,
     Duration,
-    Email,
     Expect,
     Extract,
-    ExtractField,
     Follow,
     Limits,
     Politeness,
@@ -53,41 +49,9 @@ from regions.site import (
     Size,
     SpiderArgs,
     StrictModel,
-    Tolerance,
-    Webhook,
     check_project,
     check_start_url,
-    parse_allow_host,
 )
-
-__all__ = [
-    "DEPLOYED_PREFIX",
-    "NAME_PATTERN",
-    "Access",
-    "Alerts",
-    "BlockSignature",
-    "Browser",
-    "CompareSettings",
-    "Config",
-    "Defaults",
-    "Egress",
-    "Email",
-    "Expect",
-    "Extract",
-    "ExtractField",
-    "Follow",
-    "GeoIP",
-    "Limits",
-    "Politeness",
-    "Region",
-    "ResolvedSite",
-    "Schedule",
-    "Site",
-    "Tolerance",
-    "Webhook",
-    "parse_allow_host",
-    "redact_proxy",
-]
 
 DUPLICATE_SITE_ERROR = "duplicate_site_name"  # pydantic error type of a repeated site name
 

@@ -11,7 +11,8 @@ from kombu import Connection
 from regions.app import make_app, send_job
 from regions.bus import connect, declare_topology, publish_ingest
 from regions.messages import CodeRef, Job, RunQueued, dump, utcnow
-from scheduler.config import DEPLOYED_PREFIX, Config
+from regions.site import DEPLOYED_PREFIX
+from scheduler.config import Config
 from scheduler.errors import SchedulerError
 
 

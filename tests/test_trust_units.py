@@ -12,7 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from regions.messages import ItemBatch, Job, RunFinished, RunQueued, RunStats, ScrapedItem
-from scheduler.config import BlockSignature, CompareSettings, Config, Tolerance
+from regions.site import BlockSignature, CompareSettings, Tolerance
+from scheduler.config import Config
 from scheduler.loader import ConfigError, parse_config
 from scraper.blocks import Page, builtin, match
 from storage.access import Outcome, classify
@@ -376,7 +377,7 @@ def test_slack_webhooks_get_a_text_and_refusals_are_delivery_errors() -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from scheduler.config import Webhook
+    from regions.site import Webhook
     from storage.alerts import AlertDeliveryError, Sink, deliver
 
     got: list[dict[str, Any]] = []
