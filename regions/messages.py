@@ -1,7 +1,8 @@
 """The wire format between dispatcher, regional workers and central ingest.
 
-This module is the only thing `scraper` and `storage` share. Every message is
-JSON with a ``v`` (schema version) and a ``kind``. Bump SCHEMA_VERSION and keep
+This module, with the site a job carries (regions/site.py), is the only thing
+`scraper` and `storage` share. Every message is JSON with a ``v`` (schema
+version) and a ``kind``. Bump SCHEMA_VERSION and keep
 reading the old shape when a change is not backwards compatible.
 
 Idempotency lives in the identifiers, not in the transport: a run id is fixed
