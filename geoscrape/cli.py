@@ -99,7 +99,7 @@ def check(
 
 def _project_warnings(file: Path) -> list[str]:
     """The Scrapy project settings geoscrape overrides, per site with a local `project`."""
-    from scheduler.config import DEPLOYED_PREFIX
+    from regions.site import DEPLOYED_PREFIX
     from scheduler.loader import load_config
 
     config = load_config(file)
@@ -252,9 +252,9 @@ def crawl(
 
     from regions.bus import check_broker
     from regions.messages import utcnow
+    from regions.units import parse_duration
     from scheduler.dispatch import plan_jobs, publish_jobs
     from scheduler.loader import load_config
-    from scheduler.units import parse_duration
     from storage.code import code_pinner
 
     loaded = load_config(config)

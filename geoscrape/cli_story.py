@@ -44,7 +44,11 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         out.print(f"limits reached: {', '.join(detail.limits_reached) or 'none'}", markup=False)
         # The error in full, as recorded: never cut.
         out.print(f"error: {detail.error or '-'}", markup=False, highlight=False)
-        config = json.dumps(detail.config, indent=2, sort_keys=True) if detail.config else "-"
+        config = (
+            json.dumps(detail.config.model_dump(mode="json"), indent=2, sort_keys=True)
+            if detail.config
+            else "-"
+        )
         out.print(f"config: {config}", markup=False, highlight=False)
 
     @app.command()

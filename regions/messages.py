@@ -1,7 +1,8 @@
 """The wire format between dispatcher, regional workers and central ingest.
 
-This module is the only thing `scraper` and `storage` share. Every message is
-JSON with a ``v`` (schema version) and a ``kind``. Bump SCHEMA_VERSION and keep
+This module, with the site a job carries (regions/site.py), is the only thing
+`scraper` and `storage` share. Every message is JSON with a ``v`` (schema
+version) and a ``kind``. Bump SCHEMA_VERSION and keep
 reading the old shape when a change is not backwards compatible.
 
 Idempotency lives in the identifiers, not in the transport: a run id is fixed
@@ -14,7 +15,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from regions.site import ResolvedSite
 
 SCHEMA_VERSION = 1
 MAX_INT64 = 2**63 - 1
@@ -76,9 +79,10 @@ class Job(_Message):
     trigger: str = "manual"
     tick: str | None = None
     dispatched_at: AwareDatetime = Field(default_factory=utcnow)
-    # The validated site config (scheduler.config.Site.model_dump(mode="json")),
-    # frozen at dispatch so a config edit never changes a job in flight.
-    config: dict[str, Any]
+    # The resolved site (scheduler.config.Config.resolved_site), frozen at
+    # dispatch so a config edit never changes a job in flight. Validated on
+    # receipt: a job whose config does not validate is refused as a whole.
+    config: ResolvedSite
     # Scheduled jobs: a worker must not start the job after this (its site's
     # next tick); RabbitMQ drops it from the queue then too (message TTL).
     expires_at: AwareDatetime | None = None
@@ -123,8 +127,8 @@ class RunQueued(_Message):
     trigger: str = "manual"
     tick: str | None = None
     queued_at: AwareDatetime
-    # The Job body as published, kept centrally so a lost job can be redelivered.
-    job: dict[str, Any] | None = None
+    # The Job as published, kept centrally (runs.job) so a lost job can be redelivered.
+    job: Job | None = None
     code: CodeRef | None = None  # the job's pinned code bundle, recorded on the run
 
     @classmethod
@@ -137,7 +141,7 @@ class RunQueued(_Message):
             trigger=job.trigger,
             tick=job.tick,
             queued_at=job.dispatched_at,
-            job=dump(job),
+            job=job,
             code=job.code,
         )
 
@@ -287,6 +291,15 @@ def parse_ingest(body: Any) -> IngestMessage:
         return _ingest_adapter.validate_python(body)
     except Exception as exc:  # pydantic.ValidationError or JSON errors
         raise MessageError(f"not a valid ingest message: {exc}") from exc
+
+
+def stored_job(body: Any) -> Job | None:
+    """A job kept in the store (runs.job, dead_jobs.job) as a Job; None when it
+    does not validate (a job from an older schema): readers treat it as unknown."""
+    try:
+        return Job.model_validate(body)
+    except ValidationError:
+        return None
 
 
 def dump(message: BaseModel) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from celery import Celery, bootsteps
 from celery.exceptions import Reject
 from celery.worker.request import Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from regions.app import CRAWL_TASK, make_app
 from regions.bus import connect, missing_topology, publish_ingest, redact, scrape_queue_name
@@ -117,6 +117,16 @@ def ack_delivery(task_id: str) -> None:
     except Exception as exc:  # channel or connection gone
         raise DeliveryLost(f"cannot ack job {task_id} ({exc!r}): not run here") from exc
     request.acknowledged = True  # Celery's own late ack becomes a no-op
+
+
+def parse_job(body: Any) -> Job:
+    """The job of a crawl task. One that does not validate (another schema
+    version, a config this code cannot run) is rejected to scrape.dead, where
+    ingest keeps it in bad_messages with the reason: never run, never lost."""
+    try:
+        return Job.model_validate(body)
+    except ValidationError as exc:
+        raise Reject(f"not a valid job: {exc}", requeue=False) from exc
 
 
 class CrawlRunner(Protocol):
@@ -236,14 +246,14 @@ def worker_app(
     # rejected to scrape.dead before that.
     @app.task(name=CRAWL_TASK, bind=True, Request=CrawlRequest, throws=(RunNotSucceeded,))
     def crawl(self: Any, job_body: dict[str, Any]) -> None:
-        job = Job.model_validate(job_body)
+        job = parse_job(job_body)
         if job.region != region:
             # Never run another region's job from here: park it for a human.
             raise Reject(f"job for region {job.region!r} reached {region!r}", requeue=False)
         if source_address is not None:
             # The region's egress belongs to the worker's machine, not the dispatcher.
             job = job.model_copy(
-                update={"config": {**job.config, "source_address": source_address}}
+                update={"config": job.config.model_copy(update={"source_address": source_address})}
             )
         if is_cancelled(job.run_id):
             log.info("run %s: cancelled before it started, not run", job.run_id)

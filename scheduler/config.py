@@ -1,45 +1,106 @@
 """Typed models for sites.yaml (the config contract in docs/ARCHITECTURE.md).
 
-Every model forbids unknown keys: a typo must be an error, never ignored.
-Site-level `politeness` and `limits` are merged over `defaults` by
-`Config.resolved_site`, so a job always carries a complete, explicit config.
+The YAML-facing models: sites with their overrides, defaults, regions and
+their egress, schedules. What a job carries (the resolved site and the models
+it uses) is part of the wire contract and lives in regions/site.py;
+`Config.resolved_site` merges a site's `politeness` and `limits` over
+`defaults`, so a job always carries a complete, explicit config. Every check
+is a validator, so `Config.model_validate` checks what scheduler.loader does
+(the loader adds YAML parsing, its caps and FILE:LINE). Every model forbids
+unknown keys: a typo must be an error, never ignored.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from scheduler.units import parse_duration, parse_rate, parse_size
+from regions.site import (
+    NAME_PATTERN,
+    Access,
+    Alerts,
+    AllowHosts,
+    AllowNetworks,
+    Browser,
+    CompareSettings,
+    Duration,
+    Expect,
+    Extract,
+    Follow,
+    Limits,
+    Politeness,
+    Rate,
+    RateScope,
+    ResolvedSite,
+    Size,
+    SpiderArgs,
+    StrictModel,
+    check_project,
+    check_start_url,
+)
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]  # seconds
-Rate = Annotated[float, BeforeValidator(parse_rate), Field(gt=0)]  # requests per second
-# What one shared rate budget covers (scraper/ratelimit.py): the registrable
-# domain, the exact host, or the domain per egress address.
-RateScope = Literal["domain", "host", "domain+exit"]
-Size = Annotated[int, BeforeValidator(parse_size)]  # bytes
-
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-DEPLOYED_PREFIX = "deployed:"  # project: "deployed:NAME", a bundle from `geoscrape deploy`
-SpiderArgs = dict[str, str | int | float | bool]
 DUPLICATE_SITE_ERROR = "duplicate_site_name"  # pydantic error type of a repeated site name
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+@dataclass
+class _ConfigScope:
+    """What the sites of the Config being validated check against: a site alone
+    cannot know the declared regions or its siblings' names. Per-field checks
+    (not a Config model validator), so they are reported together with every
+    other error, each at its own location."""
+
+    declared: tuple[str, ...] | None = None  # None: `regions` did not validate
+    names: dict[str, int] = field(default_factory=dict)  # site name -> index of its first site
+    index: int = -1  # the site being validated
+
+
+_scope: ContextVar[_ConfigScope | None] = ContextVar("config_scope", default=None)
+
+
+def _check_declared(region: str) -> str:
+    scope = _scope.get()
+    if scope is not None and scope.declared is not None and region not in scope.declared:
+        names = [d if d.isprintable() and d.strip() else repr(d) for d in scope.declared]
+        raise ValueError(
+            f"region {region!r} is not declared under 'regions' (declared: {', '.join(names)})"
+        )
+    return region
+
+
+def _check_unique_name(name: str) -> str:
+    scope = _scope.get()
+    if scope is not None:
+        first = scope.names.setdefault(name, scope.index)
+        if first != scope.index:
+            # A distinct type (with the first site's index) lets scheduler.loader
+            # name the first site's line.
+            raise PydanticCustomError(
+                DUPLICATE_SITE_ERROR,
+                "site name '{name}' is already used by site #{first}",
+                {"name": name, "first": first},
+            )
+    return name
+
+
+def _next_site(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    scope = _scope.get()
+    if scope is not None:
+        scope.index += 1
+    return handler(value)
 
 
 def _check_timezone(name: str) -> str:
@@ -61,7 +122,7 @@ def _check_cron(expression: str) -> str:
     return expression
 
 
-class Schedule(_Model):
+class Schedule(StrictModel):
     every: Duration | None = None
     cron: Annotated[str, AfterValidator(_check_cron)] | None = None
     timezone: Annotated[str, AfterValidator(_check_timezone)] = "UTC"
@@ -84,28 +145,7 @@ class Schedule(_Model):
         return self
 
 
-class Politeness(_Model):
-    delay: Duration = 0.25
-    concurrency: int = Field(8, ge=1, le=256)
-    robots: Literal["obey", "ignore"] = "obey"
-    user_agent: str = "geoscrape (+https://github.com/geoscrape/geoscrape)"
-    # Shared by every crawl of every worker and region (Redis): None = no shared cap.
-    rate: Rate | None = None
-    rate_scope: RateScope = "domain"
-    max_retry_after: Duration = 300.0  # the longest pause a 429/503 Retry-After may impose
-
-
-class Limits(_Model):
-    max_pages: int = Field(1000, ge=1)
-    max_depth: int = Field(5, ge=0)
-    timeout: Duration = 30.0  # per request, the whole download (a drip cannot stretch it)
-    max_bytes: Size = 10 * 1024 * 1024  # per response, after decompression
-    max_redirects: int = Field(10, ge=0, le=100)  # per request
-    max_links: int = Field(1000, ge=0)  # links followed from one page
-    max_duration: Duration = 3600.0  # the whole crawl
-
-
-class PolitenessOverride(_Model):
+class PolitenessOverride(StrictModel):
     delay: Duration | None = None
     concurrency: int | None = Field(None, ge=1, le=256)
     robots: Literal["obey", "ignore"] | None = None
@@ -115,7 +155,7 @@ class PolitenessOverride(_Model):
     max_retry_after: Duration | None = None
 
 
-class LimitsOverride(_Model):
+class LimitsOverride(StrictModel):
     max_pages: int | None = Field(None, ge=1)
     max_depth: int | None = Field(None, ge=0)
     timeout: Duration | None = None
@@ -123,46 +163,6 @@ class LimitsOverride(_Model):
     max_redirects: int | None = Field(None, ge=0, le=100)
     max_links: int | None = Field(None, ge=0)
     max_duration: Duration | None = None
-
-
-def parse_allow_host(entry: str) -> tuple[str, int | None]:
-    """`host`, `host:port` or `[v6]:port` -> (lower-case host, port or None)."""
-    text = entry.strip().lower()
-    port: int | None = None
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad host {entry!r}: write [v6-address]:port")
-        rest = rest[1:]
-    elif text.count(":") == 1:
-        host, _, rest = text.partition(":")
-    else:
-        host, rest = text, ""
-    if rest:
-        if not rest.isdigit() or not 0 < int(rest) < 65536:
-            raise ValueError(f"bad port in {entry!r}")
-        port = int(rest)
-    if not host or any(c in host for c in "/ @?#"):
-        raise ValueError(f"bad host {entry!r}: give a host name or address, optionally :port")
-    return host, port
-
-
-def _check_allow_host(entry: str) -> str:
-    parse_allow_host(entry)
-    return entry
-
-
-def _check_allow_network(entry: str) -> str:
-    try:
-        ipaddress.ip_network(entry, strict=False)
-    except ValueError as exc:
-        raise ValueError(f"bad network {entry!r}: {exc}") from None
-    return entry
-
-
-# Validated per entry, so an error's location names the bad one.
-AllowHosts = list[Annotated[str, AfterValidator(_check_allow_host)]]
-AllowNetworks = list[Annotated[str, AfterValidator(_check_allow_network)]]
 
 
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
@@ -208,10 +208,12 @@ def _check_country(code: str) -> str:
 
 
 ProxyUrl = Annotated[str, AfterValidator(_check_proxy_url)]
+
+
 CountryCode = Annotated[str, AfterValidator(_check_country)]
 
 
-class Verify(_Model):
+class Verify(StrictModel):
     """How a worker proves where its exits leave from (scraper/verify.py)."""
 
     echo_url: str  # answers with the caller's address: plain text or JSON {"ip": ...}
@@ -242,7 +244,7 @@ def _check_source_address(address: str) -> str:
     return address
 
 
-class Egress(_Model):
+class Egress(StrictModel):
     """Where a region's traffic leaves from: worker-local, never sent in a job."""
 
     # The local address the crawl's connections come from (a machine with
@@ -255,7 +257,7 @@ class Egress(_Model):
     verify: Verify | None = None
 
 
-class Region(_Model):
+class Region(StrictModel):
     """A region workers are pinned to, and how its traffic leaves (egress)."""
 
     description: str | None = None
@@ -272,208 +274,12 @@ def _check_geoip_database(path: str) -> str:
     return path
 
 
-class GeoIP(_Model):
+class GeoIP(StrictModel):
     # MaxMind DB files; with several, an exit must geolocate the same in all.
     databases: list[Annotated[str, AfterValidator(_check_geoip_database)]] = Field(min_length=1)
 
 
-def _check_regex(pattern: str) -> str:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
-    return pattern
-
-
-# Validated per item, so an error's location names the bad pattern's index.
-Regexes = list[Annotated[str, AfterValidator(_check_regex)]]
-
-
-class Follow(_Model):
-    allow: Regexes = []
-    deny: Regexes = []
-    max_depth: int | None = Field(None, ge=0)
-
-
-FieldType = Literal["str", "int", "float", "price"]
-
-
-class ExtractField(_Model):
-    css: str | None = None
-    xpath: str | None = None
-    join: str | None = None  # join all matches with this; otherwise the first match
-    type: FieldType = "str"
-
-    @model_validator(mode="after")
-    def _one_selector(self) -> ExtractField:
-        if (self.css is None) == (self.xpath is None):
-            raise ValueError("give exactly one of 'css' or 'xpath'")
-        return self
-
-
-_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):(?!\d)")
-
-
-def check_start_url(url: str) -> None:
-    """ValueError for a start URL without a scheme (`127.0.0.1:8811/x`, `shop.test/x`)
-    or an http(s) URL without a host: caught at check time, where it would
-    otherwise fail only in the worker, with no fetch row. Other schemes
-    (file:, data:) are left to the crawl's SSRF guard, which refuses them."""
-    match = _SCHEME.match(url)
-    if match is None:
-        raise ValueError(
-            f"start URL {url!r} has no scheme: write it as 'http://{url}' (or https://)"
-        )
-    if match.group(1).lower() in ("http", "https") and not urlsplit(url).hostname:
-        raise ValueError(f"start URL {url!r} has no host")
-
-
-class Extract(_Model):
-    pages: Regexes = []  # extract only from pages whose URL matches one (default: all)
-    items: str | None = None  # CSS selector: one item per matched node
-    # Field that identifies an item across runs and regions (for a spider's
-    # items: a key of the item; without it, a stable hash of the item).
-    key: str | None = None
-    # How pages are parsed: html (always, whatever the document claims: XHTML
-    # with an XML declaration is still HTML) or xml (feeds, sitemaps).
-    parser: Literal["html", "xml"] = "html"
-    fields: dict[str, ExtractField] = {}  # required unless the site runs a spider
-
-    @model_validator(mode="after")
-    def _key_is_a_field(self) -> Extract:
-        if self.fields and self.key is not None and self.key not in self.fields:
-            raise ValueError(f"key {self.key!r} is not one of the fields")
-        return self
-
-
-BlockType = Literal["images", "fonts", "media", "stylesheets"]
-
-
-class Browser(_Model):
-    """`engine: browser` only: how long to let a page's scripts render it."""
-
-    wait_for: str | None = None  # CSS selector that must appear (within limits.timeout)
-    wait: Duration = 0.0  # then let scripts run this much longer
-    block: list[BlockType] = []  # resource types never fetched (saves time and bytes)
-
-    @field_validator("wait")
-    @classmethod
-    def _wait_not_negative(cls, wait: float) -> float:
-        if wait < 0:
-            raise ValueError("'wait' must not be negative")
-        return wait
-
-
-def parse_share(value: Any) -> Any:
-    """A share in [0, 1] from "95%" or 0.95."""
-    if isinstance(value, str) and value.strip().endswith("%"):
-        try:
-            return float(value.strip()[:-1]) / 100
-        except ValueError:
-            raise ValueError(f"not a percentage: {value!r} (use e.g. 5%)") from None
-    return value
-
-
-Share = Annotated[float, BeforeValidator(parse_share), Field(ge=0, le=1)]
-
-
-class Tolerance(_Model):
-    """How far two numbers may be apart and still count as equal: relative + absolute."""
-
-    relative: float = Field(0.0, ge=0)  # a share of the larger magnitude
-    absolute: float = Field(0.0, ge=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_text(cls, value: Any) -> Any:
-        # "1%" is relative; a plain number is an absolute amount.
-        if isinstance(value, str):
-            return {"relative": parse_share(value)}
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return {"absolute": value}
-        return value
-
-
-class CompareSettings(_Model):
-    """`compare:` on a site: how many samples per page, and how to read them."""
-
-    samples: int = Field(1, ge=1, le=10)  # fetches of each page per run
-    window: Duration = 10.0  # the samples of one page are taken within this time
-    tolerance: Tolerance = Tolerance()
-
-
-class BlockSignature(_Model):
-    """A block page: every condition given must hold (body: any one pattern)."""
-
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-    kind: Literal["geo", "bot", "captcha", "redirect"] = "bot"
-    status: list[int] = []  # empty: any status
-    headers: dict[str, Annotated[str, AfterValidator(_check_regex)]] = {}  # name -> regex
-    body: Regexes = []  # any one matches (case-insensitive)
-    redirect: Annotated[str, AfterValidator(_check_regex)] | None = None  # on the final URL
-    offsite: bool = False  # a redirect that left the host asked for (www. aside)
-
-    @model_validator(mode="after")
-    def _some_condition(self) -> BlockSignature:
-        if not (self.status or self.headers or self.body or self.redirect or self.offsite):
-            raise ValueError(
-                "a signature needs at least one of status, headers, body, redirect, offsite"
-            )
-        return self
-
-
-class Access(_Model):
-    signatures: list[BlockSignature] = []  # checked before the built-in set
-
-
-class ItemsExpectation(_Model):
-    min: int = Field(0, ge=0)
-
-
-class StatusExpectation(_Model):
-    max_errors: Share = 1.0  # share of fetches that failed or answered >= 400
-
-
-class Expect(_Model):
-    """`expect:` on a site: per-region data-quality checks after every run."""
-
-    items: ItemsExpectation | None = None
-    coverage: dict[str, Share] = {}  # field -> least share of items with it non-empty
-    drop: Share | None = None  # items below (1 - drop) x the median of the last runs
-    drop_runs: int = Field(5, ge=1, le=100)  # how many earlier successful runs
-    status: StatusExpectation | None = None
-
-
-class Webhook(_Model):
-    url: str = Field(pattern=r"^https?://")
-    format: Literal["json", "slack"] = "json"
-
-
-class Email(_Model):
-    smtp: str  # host:port
-    sender: str = Field(alias="from")
-    to: list[str] = Field(min_length=1)
-    username: str | None = None
-    password: str | None = None
-    starttls: bool = False
-
-    @field_validator("smtp")
-    @classmethod
-    def _host_port(cls, value: str) -> str:
-        parse_allow_host(value)
-        return value
-
-
-class Alerts(_Model):
-    """`alerts:` on a site: where degraded/failed/dead runs are reported."""
-
-    every: Duration = 3600.0  # at most one alert per (site, region, reason) in this time
-    timeout: Duration = 10.0  # per delivery attempt
-    webhooks: list[Webhook] = []
-    email: Email | None = None
-
-
-class Defaults(_Model):
+class Defaults(StrictModel):
     schedule: Schedule | None = None
     # Manual crawls (`geoscrape crawl`): a job no worker started within this
     # expires (RabbitMQ message TTL), as a scheduled one does at its next tick.
@@ -486,10 +292,12 @@ class Defaults(_Model):
     allow_networks: AllowNetworks = []
 
 
-class Site(_Model):
-    name: str = Field(pattern=NAME_PATTERN)
+class Site(StrictModel):
+    name: Annotated[str, Field(pattern=NAME_PATTERN), AfterValidator(_check_unique_name)]
     start_urls: list[str] = []
-    regions: list[str] = Field(min_length=1)
+    # In a Config, each must be declared under its `regions` (per item: the
+    # error names the bad one).
+    regions: list[Annotated[str, AfterValidator(_check_declared)]] = Field(min_length=1)
     engine: Literal["scrapy", "requests", "browser"] = "scrapy"
     # An existing Scrapy spider: "package.module:SpiderClass" (or a dotted
     # path), or with `project` also a spider name of that project.
@@ -529,7 +337,7 @@ class Site(_Model):
                 "(a bare spider name needs 'project')"
             )
         if self.project is not None:
-            _check_project(self.project)
+            check_project(self.project)
             if self.politeness != PolitenessOverride():
                 raise ValueError(
                     "a 'project' site is polite as its settings.py says; drop 'politeness'"
@@ -562,43 +370,6 @@ class Site(_Model):
         return regions
 
 
-def _check_project(project: str) -> None:
-    if project.startswith(DEPLOYED_PREFIX):
-        if not re.match(NAME_PATTERN, project.removeprefix(DEPLOYED_PREFIX)):
-            raise ValueError(f"'project': bundle name in {project!r} must match {NAME_PATTERN}")
-    elif not project.strip():
-        raise ValueError("'project' must not be empty")
-
-
-class ResolvedSite(_Model):
-    """A site with defaults applied: what a job carries and a worker runs."""
-
-    name: str
-    start_urls: list[str]
-    engine: Literal["scrapy", "requests", "browser"]
-    spider: str | None
-    browser: Browser = Browser()  # used by engine 'browser' only
-    follow: Follow | None
-    extract: Extract | None
-    politeness: Politeness
-    limits: Limits
-    # Defaults for jobs dispatched before the SSRF guard existed.
-    allow_hosts: list[str] = []
-    allow_networks: list[str] = []
-    # Defaults for jobs dispatched before Scrapy projects were supported.
-    project: str | None = None
-    spider_args: SpiderArgs = {}
-    # Defaults for jobs dispatched before issue 14 (docs/TRUST.md).
-    compare: CompareSettings = CompareSettings()
-    access: Access = Access()
-    expect: Expect | None = None
-    alerts: Alerts | None = None
-    keep_bodies: bool = False
-    # Set by the worker from its region's egress, never by the dispatcher.
-    source_address: str | None = None
-    distributed: bool = False
-
-
 def _check_region_name(name: str) -> str:
     if not re.match(NAME_PATTERN, name):
         raise ValueError(f"region name {name!r} must match {NAME_PATTERN}")
@@ -609,32 +380,33 @@ def _check_region_name(name: str) -> str:
 RegionName = Annotated[str, AfterValidator(_check_region_name)]
 
 
-class Config(_Model):
+class Config(StrictModel):
     regions: dict[RegionName, Region | None]
     geoip: GeoIP | None = None
     defaults: Defaults = Defaults()
-    sites: list[Site] = []
+    sites: list[Annotated[Site, WrapValidator(_next_site)]] = []
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _with_scope(cls, data: Any, handler: ModelWrapValidatorHandler[Config]) -> Config:
+        token = _scope.set(_ConfigScope())
+        try:
+            return handler(data)
+        finally:
+            _scope.reset(token)
 
     @field_validator("regions")
     @classmethod
     def _some_region(cls, regions: dict[str, Any]) -> dict[str, Any]:
         if not regions:
             raise ValueError("declare at least one region")
+        scope = _scope.get()
+        if scope is not None:  # validated before `sites` (field order), which check against it
+            scope.declared = tuple(regions)
         return regions
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        seen: set[str] = set()
-        for site in self.sites:
-            if site.name in seen:
-                # A distinct type lets scheduler.loader, which reports this with
-                # the exact line itself, recognise and skip it.
-                raise PydanticCustomError(
-                    DUPLICATE_SITE_ERROR,
-                    "site name '{name}' is used twice",
-                    {"name": site.name},
-                )
-            seen.add(site.name)
         for name, region in self.regions.items():
             if region and region.egress and region.egress.verify and self.geoip is None:
                 raise ValueError(

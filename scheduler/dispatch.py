@@ -11,7 +11,8 @@ from kombu import Connection
 from regions.app import make_app, send_job
 from regions.bus import connect, declare_topology, publish_ingest
 from regions.messages import CodeRef, Job, RunQueued, dump, utcnow
-from scheduler.config import DEPLOYED_PREFIX, Config
+from regions.site import DEPLOYED_PREFIX
+from scheduler.config import Config
 from scheduler.errors import SchedulerError
 
 
@@ -68,7 +69,6 @@ def plan_jobs(
                 f"site {site_name!r}: --distributed needs engine 'scrapy' with the generic spider"
             )
         resolved = resolved.model_copy(update={"distributed": True})
-    snapshot = resolved.model_dump(mode="json")
     now = utcnow()
     return [
         Job(
@@ -78,7 +78,7 @@ def plan_jobs(
             trigger=trigger,
             tick=tick,
             dispatched_at=now,
-            config=snapshot,
+            config=resolved,
             code=code,
         )
         for region in chosen

@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from cssselect import SelectorError
-from lxml import etree
-from parsel.csstranslator import HTMLTranslator
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -102,7 +99,7 @@ def parse_config(
     except _TooLarge as exc:
         raise ConfigError([_file_problem(filename, exc.message, exc.line)]) from None
 
-    issues = builder.issues + _cross_checks(data, builder.lines)
+    issues = builder.issues
     config: Config | None = None
     try:
         config = Config.model_validate(data)
@@ -321,13 +318,17 @@ def _model_issues(exc: ValidationError, builder: _Builder) -> list[_Issue]:
     issues = []
     for error in exc.errors(include_url=False):
         loc: Loc = tuple(error["loc"])
-        if error["type"] == DUPLICATE_SITE_ERROR:
-            continue  # _cross_checks reports it, with the line
         if any(loc[: len(broken)] == broken for broken in builder.broken):
             continue
         if loc and loc[-1] == "[key]":  # a dict key failed: point at the key itself
             loc = loc[:-1]
-        issues.append(_Issue(loc, _line_of(loc, builder.lines), _message(error, loc)))
+        message = _message(error, loc)
+        if error["type"] == DUPLICATE_SITE_ERROR:  # the model knows the first site's index
+            name, first = error.get("ctx", {}).get("name"), error.get("ctx", {}).get("first")
+            line = builder.lines.get(("sites", first)) if isinstance(first, int) else None
+            if line is not None:
+                message = f"site name {name!r} is already used by the site at line {line}"
+        issues.append(_Issue(loc, _line_of(loc, builder.lines), message))
     return issues
 
 
@@ -400,104 +401,6 @@ def _unwrap(annotation: Any) -> Any:
             annotation = options[0]
         else:
             return annotation
-
-
-# --- checks across fields ------------------------------------------------------
-
-_CSS = HTMLTranslator()  # parsel's: knows ::text and ::attr(name)
-
-
-def _cross_checks(data: Any, lines: Mapping[Loc, int]) -> list[_Issue]:
-    """Checks the models cannot make alone, run on the raw data so that they are
-    reported together with the model's own errors. Values of the wrong type are
-    skipped here: the model reports those."""
-    if not isinstance(data, dict) or not isinstance(data.get("sites"), list):
-        return []
-    declared = data.get("regions")
-    issues: list[_Issue] = []
-    names: dict[str, Loc] = {}
-    for index, site in enumerate(data["sites"]):
-        if not isinstance(site, dict):
-            continue
-        loc: Loc = ("sites", index)
-        name = site.get("name")
-        if isinstance(name, str):
-            if name in names:
-                first = lines[names[name]]
-                message = f"site name {name!r} is already used by the site at line {first}"
-                issues.append(_Issue((*loc, "name"), lines[(*loc, "name")], message))
-            else:
-                names[name] = loc
-        if isinstance(declared, dict) and declared:
-            issues += _undeclared_regions(site, loc, list(declared), lines)
-        issues += _bad_selectors(site, loc, lines)
-        issues += _bad_wait_for(site, loc, lines)
-    return issues
-
-
-def _undeclared_regions(
-    site: dict[str, Any], loc: Loc, declared: list[str], lines: Mapping[Loc, int]
-) -> list[_Issue]:
-    regions = site.get("regions")
-    if not isinstance(regions, list):
-        return []
-    issues = []
-    for index, region in enumerate(regions):
-        if isinstance(region, str) and region not in declared:
-            names = [d if d.isprintable() and d.strip() else repr(d) for d in declared]
-            message = (
-                f"region {region!r} is not declared under 'regions' (declared: {', '.join(names)})"
-            )
-            issues.append(
-                _Issue((*loc, "regions", index), lines[(*loc, "regions", index)], message)
-            )
-    return issues
-
-
-def _bad_selectors(site: dict[str, Any], loc: Loc, lines: Mapping[Loc, int]) -> list[_Issue]:
-    extract = site.get("extract")
-    if not isinstance(extract, dict):
-        return []
-    selectors: list[tuple[Loc, str, str]] = []  # (loc, kind, selector)
-    if isinstance(extract.get("items"), str):
-        selectors.append(((*loc, "extract", "items"), "css", extract["items"]))
-    fields = extract.get("fields")
-    for name, spec in fields.items() if isinstance(fields, dict) else ():
-        for kind in ("css", "xpath"):
-            if isinstance(spec, dict) and isinstance(spec.get(kind), str):
-                selectors.append(((*loc, "extract", "fields", name, kind), kind, spec[kind]))
-    issues = []
-    for selector_loc, kind, selector in selectors:
-        problem = _css_problem(selector) if kind == "css" else _xpath_problem(selector)
-        if problem:
-            issues.append(_Issue(selector_loc, lines[selector_loc], problem))
-    return issues
-
-
-def _bad_wait_for(site: dict[str, Any], loc: Loc, lines: Mapping[Loc, int]) -> list[_Issue]:
-    """`browser.wait_for` is a CSS selector too (run by Chromium, so no ::text)."""
-    browser = site.get("browser")
-    if not isinstance(browser, dict) or not isinstance(browser.get("wait_for"), str):
-        return []
-    selector_loc = (*loc, "browser", "wait_for")
-    problem = _css_problem(browser["wait_for"])
-    return [_Issue(selector_loc, lines[selector_loc], problem)] if problem else []
-
-
-def _css_problem(selector: str) -> str | None:
-    try:
-        _CSS.css_to_xpath(selector)
-    except (SelectorError, ValueError) as exc:
-        return f"invalid CSS selector {selector!r}: {exc}"
-    return None
-
-
-def _xpath_problem(expression: str) -> str | None:
-    try:
-        etree.XPath(expression)
-    except (etree.XPathError, ValueError) as exc:  # ValueError: NUL or control characters
-        return f"invalid XPath {expression!r}: {exc}"
-    return None
 
 
 # --- issues to problems ------------------------------------------------------------

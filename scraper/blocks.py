@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from scheduler.config import BlockSignature
+from regions.site import BlockSignature
 
 # Block pages are small: only the start of a body is searched, so a big real page
 # costs little (a regex pass over 64 KiB is well under a millisecond).

@@ -55,7 +55,7 @@ from scrapy_playwright.handler import ScrapyPlaywrightDownloadHandler
 from scrapy_playwright.page import PageMethod
 
 from regions.messages import Fetch
-from scheduler.config import ResolvedSite
+from regions.site import ResolvedSite
 from scraper import browser_proxy, scrapy_engine
 from scraper.chromium import CHROMIUM_ARGS, find_chromium
 from scraper.errors import ScraperError

@@ -16,7 +16,7 @@ import re
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from scheduler.config import NAME_PATTERN
+from regions.site import NAME_PATTERN
 from scraper.errors import ScraperError
 
 SCRAPY_CFG = "scrapy.cfg"

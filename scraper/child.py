@@ -16,7 +16,6 @@ import sys
 from typing import IO
 
 from regions.messages import Job
-from scheduler.config import ResolvedSite
 from scraper.code import CODE_PATH_ENV
 from scraper.egress import ChildEgress, Exits, from_env
 from scraper.errors import ScraperError
@@ -57,7 +56,7 @@ def run_job(job: Job, recorder: Recorder, exits: Exits | None = None) -> None:
     """
     exits = exits or Exits(ChildEgress())
     try:
-        site = ResolvedSite.model_validate(job.config)
+        site = job.config
         log.info("run %s: site %s, engine %s", job.run_id, site.name, site.engine)
         if site.engine == "requests" and site.spider is None:
             from scraper import requests_engine

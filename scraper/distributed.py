@@ -43,7 +43,7 @@ JOIN_POLL = 0.5
 
 
 def is_distributed(job: Job) -> bool:
-    return bool(job.config.get("distributed"))
+    return job.config.distributed
 
 
 def open_key(region: str) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler.config import ResolvedSite
+from regions.site import ResolvedSite
 from scraper.blocks import Page, match
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import parsel
 
 from regions.messages import ScrapedItem
-from scheduler.config import Extract, ExtractField
+from regions.site import Extract, ExtractField
 
 __all__ = [
     "extract_items",

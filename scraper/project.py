@@ -26,7 +26,7 @@ import scrapy
 from scrapy.settings import SETTINGS_PRIORITIES, Settings
 from scrapy.spiderloader import SpiderLoader
 
-from scheduler.config import DEPLOYED_PREFIX, ResolvedSite
+from regions.site import DEPLOYED_PREFIX, ResolvedSite
 from scraper.errors import ScraperError
 
 SCRAPY_CFG = "scrapy.cfg"

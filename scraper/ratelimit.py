@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 import redis
 
 from regions.settings import settings
-from scheduler.config import ResolvedSite
+from regions.site import ResolvedSite
 
 log = logging.getLogger(__name__)
 

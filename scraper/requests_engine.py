@@ -26,7 +26,7 @@ import urllib3.util.connection as urllib3_connection
 from w3lib.encoding import html_to_unicode
 
 from regions.messages import Fetch
-from scheduler.config import ResolvedSite
+from regions.site import ResolvedSite
 from scraper.egress import ChildEgress, Exit, Exits, NoExitLeft
 from scraper.errors import ScraperError
 from scraper.evidence import inspect

@@ -273,9 +273,7 @@ def run_job(
     """
     clock = time.monotonic
     if timeout is None:
-        max_duration = job.config.get("limits", {}).get("max_duration")
-        if isinstance(max_duration, int | float):
-            timeout = float(max_duration) + DURATION_GRACE_SECONDS
+        timeout = job.config.limits.max_duration + DURATION_GRACE_SECONDS
     board = RunBoard(job, worker) if is_distributed(job) else None
     if participant:
         if board is None:
@@ -344,7 +342,7 @@ def run_job(
             log.warning("crawl child of run %s exited before reading its job", job.run_id)
 
         next_progress = clock() + progress_seconds
-        give_up_at = clock() + timeout if timeout is not None else None
+        give_up_at: float | None = clock() + timeout if timeout is not None else None
         while True:
             if should_abort is not None and done is None and should_abort():
                 aborted = True

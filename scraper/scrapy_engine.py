@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from regions.messages import Fetch, ScrapedItem
-from scheduler.config import ResolvedSite
+from regions.site import ResolvedSite
 from scraper.egress import ChildEgress, Exit, Exits, NoExitLeft
 from scraper.errors import ScraperError
 from scraper.evidence import inspect

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
-from scheduler.config import ResolvedSite, parse_allow_host
+from regions.site import ResolvedSite, parse_allow_host
 from scraper.errors import ScraperError
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -31,7 +31,7 @@ from sqlalchemy import CursorResult, and_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from regions.messages import utcnow
-from scheduler.config import Alerts, Email, Webhook, parse_allow_host
+from regions.site import Alerts, Email, Webhook, parse_allow_host
 from storage.errors import StorageError
 from storage.models import alerts
 

@@ -31,11 +31,11 @@ from datetime import datetime
 from itertools import groupby
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from scheduler.config import CompareSettings, Tolerance
+from regions.site import CompareSettings, Tolerance
 from storage.access import fetch_outcomes, identical
 from storage.errors import QueryError
 from storage.models import contents, item_samples
@@ -284,10 +284,7 @@ class Comparison:
         config = site_config(session, site)
         declared, key_field = declared_fields(config)
         self.declared = declared
-        try:
-            self.settings = CompareSettings.model_validate(config.get("compare") or {})
-        except ValidationError:
-            self.settings = CompareSettings()
+        self.settings = config.compare if config is not None else CompareSettings()
         self._extra = {region: extra_samples(session, ref.id) for region, ref in self.runs.items()}
         if fields:
             check_fields(site, fields, list(declared) if declared else self._observed_fields())

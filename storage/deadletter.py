@@ -40,6 +40,7 @@ from regions.messages import (
     RunStats,
     dump,
     expired_run,
+    stored_job,
     utcnow,
 )
 from storage.errors import StorageError
@@ -148,6 +149,10 @@ class UnknownDeadJob(StorageError):
     """A run id that names no dead job (or more than one, as a prefix)."""
 
 
+class UnreadableDeadJob(StorageError):
+    """A dead job kept by an older schema, which cannot be published again."""
+
+
 def find_dead_job(session: Session, run_id: str) -> DeadJob:
     """The dead job whose run id is `run_id` or starts with it (as `geoscrape dead` shows)."""
     rows = list(session.scalars(select(DeadJob).where(DeadJob.run_id.startswith(run_id))))
@@ -169,8 +174,12 @@ def requeue(session: Session, run_id: str, publish: Callable[[Job], None]) -> Jo
     attempts after its fix) and the old lease is cleared.
     """
     dead = find_dead_job(session, run_id)
-    body: dict[str, Any] = {**dead.job, "expires_at": None, "attempt": 1}
-    job = Job.model_validate(body)
+    job = stored_job({**dead.job, "expires_at": None, "attempt": 1})
+    if job is None:
+        raise UnreadableDeadJob(
+            f"dead job {dead.run_id} is from an older schema and no longer validates: "
+            "dispatch the site again instead"
+        )
     session.execute(
         update(runs)
         .where(runs.c.id == job.run_id)

@@ -38,7 +38,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from regions.bus import INGEST_QUEUE, connect, queue_depth
-from regions.messages import IngestMessage, Job, MessageError, RunReleased, parse_ingest, utcnow
+from regions.messages import IngestMessage, MessageError, RunReleased, parse_ingest, utcnow
 from storage.alerts import AlertSender
 from storage.db import make_engine, session_factory
 from storage.deadletter import (
@@ -289,15 +289,15 @@ class Ingest(ConsumerMixin):
     def _release(self, session: Session, msg: RunReleased) -> None:
         """Requeue a run its worker handed back; published inside the transaction,
         so a failed publish rolls the release back (and the message is retried)."""
-        body = release_run(session, msg)
-        if body is None:
+        job = release_run(session, msg)
+        if job is None:
             return
         if self.reaper is None:
             log.warning(
                 "run %s released by %s, but no publisher to requeue it", msg.run_id, msg.worker
             )
             return
-        self.reaper.publish(Job.model_validate(body))
+        self.reaper.publish(job)
         log.info("run %s: handed back by %s (%s), requeued", msg.run_id, msg.worker, msg.reason)
 
     def _commit(self, group: list[_Delivery]) -> None:

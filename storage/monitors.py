@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from regions.messages import RunStats
-from scheduler.config import Expect
+from regions.site import Expect
 from storage.models import contents, newest_first, observations, runs
 
 

@@ -34,10 +34,11 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from regions.bus import scrape_queue
-from regions.messages import Job, utcnow
+from regions.messages import Job, RunFinished, RunStats, stored_job, utcnow
 from regions.settings import DEFAULT_MAX_ATTEMPTS, DEFAULT_RUN_LEASE, settings
 from storage.deadletter import LEASE_REASON, DeadLetter, apply_dead_letter
 from storage.models import runs
+from storage.writer import apply_message
 
 log = logging.getLogger("geoscrape.reaper")
 
@@ -82,15 +83,23 @@ class Reaper:
         cutoff = now - timedelta(seconds=self.lease)
         with self.sessions() as session:
             lapsed = session.execute(
-                select(runs.c.id, runs.c.heartbeat_at, runs.c.attempts, runs.c.job).where(
+                select(
+                    runs.c.id,
+                    runs.c.heartbeat_at,
+                    runs.c.attempts,
+                    runs.c.job,
+                    runs.c.site,
+                    runs.c.region,
+                ).where(
                     runs.c.status == "running",
                     runs.c.heartbeat_at < cutoff,
                     runs.c.job.is_not(None),
                 )
             ).all()
         done = []
-        for run_id, heartbeat_at, attempts, body in lapsed:
-            reaped = self._reap_one(run_id, heartbeat_at, max(attempts, 1), body, now)
+        for run_id, heartbeat_at, attempts, body, site, region in lapsed:
+            where = (site, region)
+            reaped = self._reap_one(run_id, heartbeat_at, max(attempts, 1), body, now, where)
             if reaped is not None:
                 done.append(reaped)
         return done
@@ -102,9 +111,11 @@ class Reaper:
         attempt: int,
         body: dict[str, object],
         now: datetime,
+        where: tuple[str, str],  # the run's (site, region), for a job that does not validate
     ) -> Reaped | None:
-        job = Job.model_validate({**body, "attempt": attempt})
-        dead = attempt >= self.max_attempts
+        job = stored_job({**body, "attempt": attempt})
+        # A job from an older schema cannot be redelivered: the run ends dead.
+        dead = job is None or attempt >= self.max_attempts
         with self.sessions.begin() as session:
             # The claim: only the process whose UPDATE matches the lease it read acts.
             claim = update(runs).where(
@@ -118,6 +129,11 @@ class Reaper:
             result = cast(CursorResult[Any], session.execute(claim.values(values)))
             if result.rowcount != 1:
                 return None  # another ingest got there first, or a heartbeat came in
+            if job is None:
+                error = "lease lapsed; its stored job is from an older schema: not redelivered"
+                apply_message(session, _dead_run(run_id, *where, error, now))
+                log.warning("run %s: %s", run_id, error)
+                return Reaped(run_id, "dead", attempt)
             if dead:
                 letter = DeadLetter(
                     job=job,
@@ -141,3 +157,16 @@ class Reaper:
             self.max_attempts,
         )
         return Reaped(run_id, "redelivered", attempt)
+
+
+def _dead_run(run_id: str, site: str, region: str, error: str, at: datetime) -> RunFinished:
+    """The verdict on a run whose stored job no longer validates."""
+    return RunFinished(
+        run_id=run_id,
+        site=site,
+        region=region,
+        status="dead",
+        finished_at=at,
+        stats=RunStats(),
+        error=error,
+    )

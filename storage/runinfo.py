@@ -16,6 +16,8 @@ from pydantic import BaseModel
 from sqlalchemy import Integer, String, literal, null, or_, select, union_all
 from sqlalchemy.orm import Session
 
+from regions.messages import stored_job
+from regions.site import ResolvedSite
 from storage.errors import NotFoundError, QueryError
 from storage.models import Run, Worker, fetch_samples, fetches
 from storage.queries import RunFields, RunRow
@@ -34,7 +36,8 @@ class RunDetail(RunFields):
     stats: dict[str, Any]
     error: str | None  # complete, never cut
     limits_reached: list[str]
-    config: dict[str, Any] | None  # the resolved site config the job carried
+    # The resolved site the job carried (None: no job, or one from an older schema).
+    config: ResolvedSite | None
 
 
 class FetchDetail(BaseModel):
@@ -89,7 +92,7 @@ def run_detail(session: Session, run_id: str) -> RunDetail:
         attestation=row["egress"],
         attempts=run.attempts,
         limits_reached=LIMIT_NOTE.findall(run.error or ""),
-        config=(run.job or {}).get("config"),
+        config=job.config if (job := stored_job(run.job)) is not None else None,
     )
 
 

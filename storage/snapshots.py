@@ -20,6 +20,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, exists, select
 from sqlalchemy.orm import Session
 
+from regions.messages import stored_job
+from regions.site import ResolvedSite
 from storage.errors import NotFoundError
 from storage.models import contents, newest_first, observations, oldest_first, runs
 
@@ -165,26 +167,25 @@ def snapshot_runs(session: Session, site: str, region: str) -> list[RunRef]:
     return _run_refs(session, stmt)
 
 
-def site_config(session: Session, site: str) -> dict[str, Any]:
-    """The newest job config snapshot of ``site`` ({} when no run carried one)."""
+def site_config(session: Session, site: str) -> ResolvedSite | None:
+    """The newest job config snapshot of ``site`` (None when no run carried one,
+    or the newest job is from an older schema and no longer validates)."""
     stmt = (
         select(runs.c.job)
         .where(runs.c.site == site, runs.c.job.is_not(None))
         .order_by(*newest_first())
         .limit(1)
     )
-    job = session.scalar(stmt)
-    config = (job or {}).get("config")
-    return config if isinstance(config, dict) else {}
+    job = stored_job(session.scalar(stmt))
+    return job.config if job is not None else None
 
 
-def declared_fields(config: dict[str, Any]) -> tuple[dict[str, str], str | None]:
+def declared_fields(config: ResolvedSite | None) -> tuple[dict[str, str], str | None]:
     """(field -> declared type, key field) from a job config's extract section."""
-    extract = config.get("extract") or {}
-    fields = extract.get("fields") or {}
-    return {name: (spec or {}).get("type", "str") for name, spec in fields.items()}, extract.get(
-        "key"
-    )
+    extract = config.extract if config is not None else None
+    if extract is None:
+        return {}, None
+    return {name: spec.type for name, spec in extract.fields.items()}, extract.key
 
 
 def stream_snapshot(session: Session, run_id: str) -> Iterator[tuple[str, str, dict[str, Any]]]:

@@ -29,7 +29,6 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, cast
 
-from pydantic import ValidationError
 from sqlalchemy import ColumnElement, CursorResult, Table, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -38,6 +37,7 @@ from regions.messages import (
     FINAL_STATUSES,
     Fetch,
     ItemBatch,
+    Job,
     RunFinished,
     RunProgress,
     RunQueued,
@@ -45,8 +45,10 @@ from regions.messages import (
     RunStarted,
     ScrapedItem,
     WorkerHeartbeat,
+    dump,
+    stored_job,
 )
-from scheduler.config import ResolvedSite
+from regions.site import ResolvedSite
 from storage.alerts import ALERTED_STATUSES, enqueue
 from storage.content import content_hash
 from storage.errors import UnsupportedDatabaseError
@@ -179,7 +181,7 @@ def _renew_lease(session: Session, run_id: str, at: datetime | None, attempt: in
 def _apply_queued(session: Session, msg: RunQueued) -> None:
     fields: dict[str, Any] = {"trigger": msg.trigger, "tick": msg.tick, "queued_at": msg.queued_at}
     if msg.job is not None:
-        fields["job"] = msg.job
+        fields["job"] = dump(msg.job)
     if msg.code is not None:
         fields["code_version"] = msg.code.version
     _ensure_run(session, msg, "queued", **fields)
@@ -263,11 +265,8 @@ def _apply_finished(session: Session, msg: RunFinished) -> None:
 
 def _job_site(session: Session, run_id: str) -> ResolvedSite | None:
     """The site config the run was dispatched with (None: unknown or unreadable)."""
-    job = session.scalar(select(runs.c.job).where(runs.c.id == run_id))
-    try:
-        return ResolvedSite.model_validate((job or {}).get("config"))
-    except ValidationError:
-        return None
+    job = stored_job(session.scalar(select(runs.c.job).where(runs.c.id == run_id)))
+    return job.config if job is not None else None
 
 
 # --- item batches ------------------------------------------------------------
@@ -505,13 +504,18 @@ def apply_message(session: Session, msg: IngestMessage) -> None:
         raise TypeError(f"not an ingest message: {type(msg).__name__}")
 
 
-def release_run(session: Session, msg: RunReleased) -> dict[str, Any] | None:
+def release_run(session: Session, msg: RunReleased) -> Job | None:
     """A worker handed its run back: `running` -> `queued`; returns the job to republish.
 
     Only if the run is still running on that worker (a redelivered RunReleased,
     or one arriving after another worker took the run, changes nothing and
     returns None). The lease is renewed so the reaper leaves the run alone.
+    A stored job that no longer validates (an older schema) is not released:
+    the run stays running and the reaper ends it.
     """
+    job = stored_job(session.scalar(select(runs.c.job).where(runs.c.id == msg.run_id)))
+    if job is None:
+        return None
     claim = cast(
         CursorResult[Any],
         session.execute(
@@ -527,9 +531,6 @@ def release_run(session: Session, msg: RunReleased) -> dict[str, Any] | None:
     )
     if claim.rowcount != 1:
         return None
-    job: dict[str, Any] | None = session.execute(
-        select(runs.c.job).where(runs.c.id == msg.run_id)
-    ).scalar_one()
     return job
 
 

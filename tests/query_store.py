@@ -27,6 +27,7 @@ import requests
 from regions.messages import (
     Fetch,
     ItemBatch,
+    Job,
     RunFinished,
     RunQueued,
     RunStarted,
@@ -36,6 +37,7 @@ from regions.messages import (
 from storage.db import make_engine, session_factory
 from storage.migrate import ensure_schema
 from storage.writer import apply_message
+from tests.sites import resolved_site
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -43,12 +45,10 @@ PRICES = "https://shop.example/prices"
 PAGE_B = "https://shop.example/p/B"
 CAPTCHA = "https://shop.example/captcha?from=/p/B"
 NAMES = {"A": "Alpha", "B": "Beta", "C": "Gamma"}
-CONFIG = {
-    "name": "shop",
-    "regions": ["eu", "us", "asia"],
-    "engine": "requests",
-    "start_urls": [PRICES, PAGE_B],
-    "extract": {
+CONFIG = resolved_site(
+    "shop",
+    start_urls=[PRICES, PAGE_B],
+    extract={
         "items": "div.product",
         "key": "sku",
         "fields": {
@@ -57,7 +57,7 @@ CONFIG = {
             "price": {"css": ".price::text", "type": "price"},
         },
     },
-}
+)
 # (tick, day) -> region -> prices seen (None: blocked)
 SEEN: dict[tuple[str, int], dict[str, dict[str, float] | None]] = {
     ("t1", 0): {"eu": {"A": 10.0, "B": 20.0, "C": 30.0}, "us": {"A": 10.0, "B": 20.0, "C": 30.0},
@@ -71,10 +71,6 @@ def run_id(tick: str, region: str) -> str:
     return f"{tick}-{region}"
 
 
-def iso(when: datetime) -> str:
-    return when.isoformat().replace("+00:00", "Z")
-
-
 def data(key: str, price: float) -> dict[str, Any]:
     return {"sku": key, "name": NAMES[key], "price": price}
 
@@ -85,7 +81,7 @@ def messages() -> list[Any]:
         base = T0 + day * DAY
         for region, prices in regions.items():
             rid = run_id(tick, region)
-            job = {"run_id": rid, "dispatched_at": iso(base), "config": CONFIG}
+            job = Job(run_id=rid, site="shop", region=region, dispatched_at=base, config=CONFIG)
             fetched = (
                 [Fetch(url=PRICES, status=200, bytes=900), Fetch(url=PAGE_B, status=200, bytes=400)]
                 if prices is not None

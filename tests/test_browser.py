@@ -241,9 +241,10 @@ def test_check_reports_browser_mistakes_as_file_line(tmp_path: Path) -> None:
 
 
 def test_a_job_without_browser_settings_still_validates() -> None:
-    from scheduler.config import ResolvedSite
+    from regions.site import ResolvedSite
 
-    old = make_job(BrowserSite(url="http://127.0.0.1:1", lists=1), engine="scrapy").config
+    job = make_job(BrowserSite(url="http://127.0.0.1:1", lists=1), engine="scrapy")
+    old = job.config.model_dump(mode="json")
     old.pop("browser")
     assert ResolvedSite.model_validate(old).browser.wait == 0.0
 

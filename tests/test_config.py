@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import ValidationError
 
+from regions.messages import Job, MessageError, RunQueued, dump, parse_ingest, stored_job
+from regions.units import parse_duration, parse_size
 from scheduler.check import check, summarize
-from scheduler.config import Config
+from scheduler.config import Config, Site
+from scheduler.dispatch import plan_jobs
 from scheduler.errors import SchedulerError
 from scheduler.loader import ConfigError, ConfigProblem, load_config, parse_config
-from scheduler.units import parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "data" / "configs"
@@ -366,6 +371,89 @@ def test_duplicate_site_name_names_the_second_site() -> None:
     assert errors(BASE + second) == [
         "sites.yaml:13: site 'shop': name: site name 'shop' is already used by the site at line 5"
     ]
+
+
+def test_config_model_validate_checks_what_the_loader_checks() -> None:
+    """The semantic checks are validators: a Config built without the loader gets
+    them too, each error at its own location."""
+    data = yaml.safe_load(BASE)
+    shop = data["sites"][0]
+    shop["regions"] = ["eu", "mars"]
+    shop["extract"]["items"] = "div..product"
+    shop["extract"]["fields"]["sku"] = {"xpath": "//div[@data-sku"}
+    data["sites"] += [
+        {"name": "shop", "spider": "a.b:C", "regions": ["eu"]},
+        {
+            "name": "js",
+            "engine": "browser",
+            "start_urls": ["https://js.example/"],
+            "regions": ["us"],
+            "extract": {"fields": {"title": {"css": "h1::text"}}},
+            "browser": {"wait_for": "li["},
+        },
+    ]
+    with pytest.raises(ValidationError) as info:
+        Config.model_validate(data)
+    found = {tuple(e["loc"]): e["msg"] for e in info.value.errors()}
+    assert sorted(found, key=str) == sorted(
+        [
+            ("sites", 0, "regions", 1),
+            ("sites", 0, "extract", "items"),
+            ("sites", 0, "extract", "fields", "sku", "xpath"),
+            ("sites", 1, "name"),
+            ("sites", 2, "browser", "wait_for"),
+        ],
+        key=str,
+    )
+    assert "region 'mars' is not declared under 'regions'" in found[("sites", 0, "regions", 1)]
+    assert found[("sites", 1, "name")] == "site name 'shop' is already used by site #0"
+    # A site alone knows no declared regions and no siblings: only its own checks.
+    assert Site.model_validate({**data["sites"][1], "regions": ["mars"]}).regions == ["mars"]
+
+
+RICH = (
+    BASE
+    + """    politeness: {rate: 10/s, delay: 250ms}
+    limits: {max_bytes: 2MB, timeout: 1m}
+    follow: {allow: ["/p/"], max_depth: 2}
+    compare: {samples: 1, tolerance: 1%}
+    access:
+      signatures: [{name: geo-wall, kind: geo, status: [451], body: ["not available"]}]
+    expect: {items: {min: 1}, coverage: {price: 90%}, drop: 50%}
+    alerts:
+      webhooks: [{url: "https://hooks.example/x", format: slack}]
+      email: {smtp: "mail.example:25", from: "geo@example.com", to: ["ops@example.com"]}
+defaults:
+  allow_hosts: ["127.0.0.1:8080"]
+"""
+)
+
+
+def test_a_job_is_the_same_after_the_json_round_trip() -> None:
+    """Dispatch publishes model_dump(mode="json"); the worker, ingest and the store
+    (runs.job) validate it back: the same job, and the same JSON again."""
+    config = load(RICH)
+    [job] = plan_jobs(config, "shop", ["eu"])
+    body = json.loads(json.dumps(dump(job)))
+    again = Job.model_validate(body)
+    assert again == job
+    assert dump(again) == body
+    assert again.config.alerts is not None and again.config.alerts.email is not None
+    assert again.config.alerts.email.sender == "geo@example.com"
+    queued = parse_ingest(json.dumps(dump(RunQueued.for_job(job))))
+    assert isinstance(queued, RunQueued) and queued.job == job
+    assert stored_job(body) == job
+    # A stored job from before the config was typed reads as unknown, not as an error.
+    assert stored_job({**body, "config": {"name": "shop"}}) is None
+
+
+def test_a_message_whose_job_config_does_not_validate_is_refused() -> None:
+    config = load(BASE)
+    [job] = plan_jobs(config, "shop", ["eu"])
+    body = dump(RunQueued.for_job(job))
+    body["job"]["config"]["extract"]["items"] = "div..product"
+    with pytest.raises(MessageError, match="invalid CSS selector"):
+        parse_ingest(body)
 
 
 # --- environment variables -----------------------------------------------------------

@@ -222,7 +222,7 @@ def test_overview_lists_regions_and_updates_a_running_crawl_live(
     # A slow crawl of eu: the page must show it move without a reload.
     config = load_config(deployment.stack.config)
     job = plan_jobs(config, "shop", ["eu"], trigger="manual")[0]
-    job.config["politeness"]["delay"] = 0.6
+    job.config.politeness.delay = 0.6
     publish_jobs([job], deployment.stack.broker_url)
     row = page.locator(f"#progress tr[data-run='{job.run_id}']")
     row.wait_for(timeout=60_000)

@@ -14,8 +14,9 @@ from regions.app import CRAWL_TASK, make_app
 from regions.bus import connect, declare_topology, scrape_queue
 from regions.messages import Job, dump, utcnow
 from scheduler.dispatch import publish_jobs
+from scheduler.loader import parse_config
 from storage.deadletter import DeadLetter, apply_dead_letter
-from storage.models import DeadJob, Run
+from storage.models import BadMessage, DeadJob, Run
 from tests.harness import Stack, stack, wait_until
 
 CONFIG = """\
@@ -37,7 +38,7 @@ def job(region: str, **fields: object) -> Job:
         region=region,
         trigger="schedule",
         tick="shop@2024-01-01T00:00:00Z",
-        config={"name": "shop"},
+        config=parse_config(CONFIG).resolved_site("shop"),
         **fields,
     )
 
@@ -127,6 +128,32 @@ def test_a_worker_does_not_run_a_job_past_its_deadline(
         assert run.started_at is None
         assert "no worker in region 'eu' started it before" in (run.error or "")
         assert "expired at" in s.log("worker-eu")
+        assert "crawling site" not in s.log("worker-eu")
+
+
+@pytest.mark.slow
+def test_a_worker_rejects_a_job_whose_config_does_not_validate_to_bad_messages(
+    tmp_path: Path, vhost_url: str, sqlite_url: str
+) -> None:
+    with stack(tmp_path, vhost_url, sqlite_url, CONFIG) as s:
+        s.ingest()
+        wait_until(lambda: "consuming" in s.log("ingest"), what="ingest to start")
+        # A job from another schema: its config is not a resolved site.
+        body = {**dump(job("eu")), "config": {"name": "shop"}}
+        app = make_app(vhost_url, regions=["eu"])
+        with connect(vhost_url) as conn:
+            declare_topology(conn, ["eu"])
+        app.send_task(CRAWL_TASK, args=[body], task_id=body["run_id"], queue=scrape_queue("eu"))
+        s.worker("eu")
+
+        def kept() -> list[tuple[str, str]]:
+            with s.sessions()() as session:
+                return [(b.body, b.error) for b in session.scalars(select(BadMessage))]
+
+        [(kept_body, error)] = wait_until(kept, timeout=60, what="the job in bad_messages")
+        assert error.startswith("dead letter: not a valid job:") and "config" in error
+        assert body["run_id"] in kept_body
+        assert run_of(s, body["run_id"]) is None  # never run, never recorded as a run
         assert "crawling site" not in s.log("worker-eu")
 
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy.orm import Session
 
-from regions.messages import ItemBatch, RunFinished, RunQueued, RunStats, ScrapedItem
+from regions.messages import ItemBatch, Job, RunFinished, RunQueued, RunStats, ScrapedItem
 from storage.db import make_engine, session_factory
 from storage.errors import NotFoundError, QueryError
 from storage.export import export
@@ -62,7 +62,9 @@ def big_store(db_url: str) -> Iterator[Session]:
     for i, region in enumerate(REGIONS):
         run = f"big-{region}"
         at = T0 + timedelta(minutes=i)
-        job = {"config": {**CONFIG, "name": "big"}}
+        job = Job(
+            run_id=run, site="big", region=region, config=CONFIG.model_copy(update={"name": "big"})
+        )
         with factory.begin() as s:
             apply_message(s, RunQueued(run_id=run, site="big", region=region, queued_at=at,
                                        job=job))  # fmt: skip

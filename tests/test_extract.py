@@ -8,7 +8,7 @@ import parsel
 import pytest
 
 from regions.messages import ScrapedItem
-from scheduler.config import Extract
+from regions.site import Extract
 from scraper.extract import extract_items, parse_int, parse_number, parse_price
 
 URL = "http://shop.test/product/SKU-1.html"

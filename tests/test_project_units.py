@@ -66,7 +66,7 @@ def test_project_config_errors(site: dict[str, Any], message: str) -> None:
 
 
 def test_old_jobs_without_project_keys_still_validate() -> None:
-    from scheduler.config import ResolvedSite
+    from regions.site import ResolvedSite
 
     resolved = config(spider="pkg.mod:Spider").resolved_site("shop").model_dump(mode="json")
     del resolved["project"], resolved["spider_args"]

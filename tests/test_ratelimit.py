@@ -23,8 +23,9 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from regions.messages import Job, RunFinished
-from scheduler.config import Config, ResolvedSite
-from scheduler.units import parse_rate
+from regions.site import ResolvedSite
+from regions.units import parse_rate
+from scheduler.config import Config
 from scraper.ratelimit import Budget, registrable_domain, retry_after_seconds, scope_of
 from scraper.runner import run_job
 from tests.harness import wait_until

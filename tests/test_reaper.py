@@ -6,16 +6,26 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from regions.errors import SettingsError
-from regions.messages import Job, RunProgress, RunQueued, RunStarted, RunStats, dump
+from regions.messages import (
+    Job,
+    RunProgress,
+    RunQueued,
+    RunReleased,
+    RunStarted,
+    RunStats,
+    dump,
+)
 from storage.db import make_engine, session_factory
 from storage.migrate import ensure_schema
 from storage.models import DeadJob, Run
 from storage.reaper import Reaped, Reaper, lease_settings
-from storage.writer import IngestMessage, apply_message
+from storage.runinfo import run_detail
+from storage.writer import IngestMessage, apply_message, release_run
+from tests.sites import resolved_site
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 LEASE = 60.0
@@ -33,8 +43,11 @@ def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
+WHERE = ("shop", "eu")  # the run's site and region
+
+
 def job(run_id: str = "r1") -> Job:
-    return Job(run_id=run_id, site="shop", region="eu", dispatched_at=T0, config={"name": "shop"})
+    return Job(run_id=run_id, site="shop", region="eu", dispatched_at=T0, config=resolved_site())
 
 
 def apply(sessions: sessionmaker[Session], *messages: IngestMessage) -> None:
@@ -45,7 +58,7 @@ def apply(sessions: sessionmaker[Session], *messages: IngestMessage) -> None:
 
 def queued(run_id: str = "r1") -> RunQueued:
     j = job(run_id)
-    return RunQueued(run_id=run_id, site="shop", region="eu", queued_at=T0, job=dump(j))
+    return RunQueued(run_id=run_id, site="shop", region="eu", queued_at=T0, job=j)
 
 
 def started(seconds: float, attempt: int = 1, run_id: str = "r1") -> RunStarted:
@@ -107,9 +120,30 @@ def test_two_reapers_racing_for_one_lapse_act_once(sessions: sessionmaker[Sessio
     a, b = reaper(sessions, sent), reaper(sessions, sent)
     now = at(LEASE + 1)
     # Both read the same lapsed lease; only the first conditional UPDATE matches.
-    assert a._reap_one("r1", at(0), 1, dump(job()), now) == Reaped("r1", "redelivered", 1)
-    assert b._reap_one("r1", at(0), 1, dump(job()), now) is None
+    assert a._reap_one("r1", at(0), 1, dump(job()), now, WHERE) == Reaped("r1", "redelivered", 1)
+    assert b._reap_one("r1", at(0), 1, dump(job()), now, WHERE) is None
     assert len(sent) == 1
+
+
+def test_a_stored_job_from_an_older_schema_ends_dead_and_reads_as_unknown(
+    sessions: sessionmaker[Session],
+) -> None:
+    apply(sessions, queued(), started(0))
+    # A job stored before its config was typed: it no longer validates as a Job.
+    old = {**dump(job()), "config": {"name": "shop"}}
+    with sessions.begin() as session:
+        session.execute(update(Run).where(Run.id == "r1").values(job=old))
+    with sessions.begin() as session:  # readers: unknown, not a crash
+        assert run_detail(session, "r1").config is None
+        released = RunReleased(run_id="r1", site="shop", region="eu", worker="w", released_at=at(1))
+        assert release_run(session, released) is None
+    sent: list[Job] = []
+    assert reaper(sessions, sent).reap(now=at(LEASE + 1)) == [Reaped("r1", "dead", 1)]
+    assert sent == []  # never redelivered
+    with sessions() as session:
+        run = session.get(Run, "r1")
+        assert run is not None and run.status == "dead"
+        assert run.error is not None and "older schema" in run.error
 
 
 def test_a_failed_publish_leaves_the_claim_undone(sessions: sessionmaker[Session]) -> None:

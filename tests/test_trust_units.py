@@ -11,8 +11,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from regions.messages import ItemBatch, RunFinished, RunQueued, RunStats, ScrapedItem
-from scheduler.config import BlockSignature, CompareSettings, Config, Tolerance
+from regions.messages import ItemBatch, Job, RunFinished, RunQueued, RunStats, ScrapedItem
+from regions.site import BlockSignature, CompareSettings, Tolerance
+from scheduler.config import Config
 from scheduler.loader import ConfigError, parse_config
 from scraper.blocks import Page, builtin, match
 from storage.access import Outcome, classify
@@ -235,9 +236,10 @@ def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
-def job(expect: dict[str, Any], alerts_cfg: dict[str, Any] | None) -> dict[str, Any]:
+def job(run_id: str, expect: dict[str, Any], alerts_cfg: dict[str, Any] | None) -> Job:
     site = load("").resolved_site("shop").model_dump(mode="json")
-    return {"config": site | {"expect": expect, "alerts": alerts_cfg}}
+    config = site | {"expect": expect, "alerts": alerts_cfg}
+    return Job(run_id=run_id, site="shop", region="eu", config=config)
 
 
 def finish(
@@ -252,7 +254,7 @@ def finish(
 ) -> None:
     """One run of site shop in eu, through the writer; every other item lacks a price."""
     ids = {"run_id": run_id, "site": "shop", "region": "eu"}
-    config = job(expect, alerts_cfg) if expect else None
+    config = job(run_id, expect, alerts_cfg) if expect else None
     apply_message(session, RunQueued(**ids, queued_at=at, job=config))
     batch = [
         ScrapedItem(key=f"k{i}", url="u", data={"price": None if i % 2 else 1.0})
@@ -375,7 +377,7 @@ def test_slack_webhooks_get_a_text_and_refusals_are_delivery_errors() -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from scheduler.config import Webhook
+    from regions.site import Webhook
     from storage.alerts import AlertDeliveryError, Sink, deliver
 
     got: list[dict[str, Any]] = []

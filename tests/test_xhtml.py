@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from geoscrape.testsite.background import BackgroundServer
-from scheduler.config import Extract
+from regions.site import Extract
 from scraper.extract import extract_items, page_selector
 from tests.test_crawl import Run, make_job
 
