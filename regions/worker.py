@@ -372,16 +372,32 @@ class CrawlPool:
     joiner: Callable[..., Any] | None = None
 
 
-def participate(job: Job, url: str, region: str, run_job: CrawlRunner) -> None:
-    """Take part in another worker's distributed run until it closes (scraper/distributed.py)."""
+def participate(
+    job: Job,
+    url: str,
+    region: str,
+    run_job: CrawlRunner,
+    cancelled: Callable[[str], bool] = lambda _run_id: False,
+) -> None:
+    """Take part in another worker's distributed run until it closes (scraper/distributed.py)
+    or is cancelled."""
     with connect(url) as conn:
 
         def publish(message: BaseModel) -> None:
             publish_ingest(conn, dump(message))
 
-        finished = run_job(
-            job, publish, worker=worker_name(region), on_started=lambda: None, participant=True
-        )
+        try:
+            finished = run_job(
+                job,
+                publish,
+                worker=worker_name(region),
+                on_started=lambda: None,
+                participant=True,
+                should_abort=lambda: cancelled(job.run_id),
+            )
+        except CrawlAborted as aborted:
+            log.warning("run %s: cancelled; left it after %d pages", job.run_id, aborted.pages)
+            return
     log.info("run %s: took part, %d pages", job.run_id, finished.stats.pages)
 
 
@@ -429,7 +445,9 @@ def run_worker(
         pool.joiner(
             region,
             is_free=lambda: _busy.crawls == 0,
-            participate=lambda job: participate(job, broker, region, run_job),
+            participate=lambda job: participate(
+                job, broker, region, run_job, cancelled or (lambda _run_id: False)
+            ),
         ).start()
         if pool.joiner is not None
         else None

@@ -32,6 +32,7 @@ import redis
 
 from regions.messages import Job, RunStats
 from regions.settings import settings
+from scheduler.cancel import mark_key
 from scraper.frontier import connect, run_key
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,14 @@ class RunBoard:
 
         self._safely("close the run", do)
 
+    def cancelled(self) -> bool:
+        """Has `geoscrape cancel` marked the run (scheduler/cancel.py)?"""
+        return bool(
+            self._safely(
+                "read the cancel mark", lambda: self._redis.exists(mark_key(self.job.run_id))
+            )
+        )
+
     def total(self, own: RunStats, wait: float = REPORT_WAIT) -> RunStats:
         """Owner: our stats plus every participant's, once each one reported or is gone."""
         deadline = time.monotonic() + wait
@@ -179,8 +188,9 @@ def find_open_run(client: redis.Redis, region: str) -> Job | None:
         pipe.exists(run_key(run_id, "seeded"))
         pipe.llen(run_key(run_id, "queue"))
         pipe.get(run_key(run_id, "job"))
-        closed, seeded, queued, body = pipe.execute()
-        if not closed and (queued or not seeded) and body:
+        pipe.exists(mark_key(run_id))
+        closed, seeded, queued, body, cancelled = pipe.execute()
+        if not closed and not cancelled and (queued or not seeded) and body:
             return Job.model_validate_json(body)
     return None
 

@@ -402,6 +402,10 @@ def run_job(
         send(batch)
     ack_releases()
     if aborted:
+        if board is not None and not participant and board.cancelled():
+            # Cancelled, not handed back: nobody may join or continue the run.
+            board.close()
+            board.cleanup()
         snapshot = stats.snapshot()
         raise CrawlAborted(job.run_id, snapshot.pages, snapshot.items, snapshot)
     status: str

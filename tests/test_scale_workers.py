@@ -158,6 +158,47 @@ def test_distributed_run_fetches_every_page_once_over_two_workers(deployment: St
     assert observations(s, run.id) == 60
 
 
+def test_a_cancelled_distributed_run_stops_on_every_worker(deployment: Stack) -> None:
+    """`geoscrape cancel`: the owner aborts and closes the run, the worker that joined
+    it leaves, no worker joins it again; what was stored is kept."""
+    from scraper.distributed import open_key
+    from scraper.frontier import connect
+
+    s = deployment
+    pages = 300
+    with serve_pages(PageSite(pages=pages, delay=0.25)) as site:
+        configure(s, site_yaml("cancelled", site.url, "eu", extra="    distributed: true\n"))
+        done = s.cli("crawl", "cancelled")
+        assert done.returncode == 0, done.stderr
+        run_id = re.findall(r"queued run (\S+)", done.stdout)[0]
+
+        def joined() -> str | None:
+            for name in ("eu-1", "eu-2"):
+                if f"run {run_id}: joining as a participant" in s.log(name):
+                    return name
+            return None
+
+        helper = wait_until(joined, timeout=120, what="a participant")
+        owner = next(n for n in ("eu-1", "eu-2") if n != helper)
+        wait_until(lambda: len(site.page_hits()) >= 10, timeout=120, what="10 pages fetched")
+        cancelled = s.cli("cancel", run_id)
+        assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+        wait_until(
+            lambda: (
+                f"run {run_id}: cancelled;" in s.log(owner)
+                and f"run {run_id}: cancelled; left it" in s.log(helper)
+            ),
+            timeout=60,
+            what="both workers to stop crawling the run",
+        )
+        [run] = finished_runs(s, "cancelled", 1)
+        fetched = len(site.page_hits())
+    assert run.status == "cancelled", run.error
+    assert fetched < pages  # cut short
+    assert observations(s, run.id) >= 10  # what was stored is kept
+    assert run_id not in {str(m) for m in connect().smembers(open_key("eu"))}
+
+
 def test_distributed_run_survives_a_worker_killed_mid_crawl(deployment: Stack) -> None:
     s = deployment
     with serve_pages(PageSite(pages=80, delay=0.25)) as site:
