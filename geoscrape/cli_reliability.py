@@ -14,9 +14,6 @@ import typer
 from rich.table import Table
 
 from geoscrape.clikit import out, sessions
-from storage.deadletter import UnknownDeadJob, find_dead_job, list_dead_jobs, requeue
-
-__all__ = ["UnknownDeadJob", "find_dead_job", "register", "requeue"]
 
 
 def register(app: typer.Typer) -> None:
@@ -36,6 +33,9 @@ def register(app: typer.Typer) -> None:
         """List dead jobs, newest first (run id, site, region, why, attempts, when)."""
         if ctx.invoked_subcommand is not None:
             return
+        # Imported per command: the store's modules would slow every `geoscrape` start.
+        from storage.deadletter import list_dead_jobs
+
         with sessions()() as session:
             rows = list_dead_jobs(session, site=site, requeued=all_)
         if not rows:
@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
         """Publish a dead job again (same run id) to its region's queue."""
         from regions.bus import check_broker
         from scheduler.dispatch import publish_jobs
+        from storage.deadletter import requeue
 
         check_broker()
         with sessions()() as session, session.begin():

@@ -6,12 +6,13 @@ import enum
 import json
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from storage.queries import ItemRow, RunRow
+if TYPE_CHECKING:  # rows only annotate: the store's modules load per command
+    from storage.queries import ItemRow, RunRow
 
 
 class Format(enum.StrEnum):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
@@ -11,7 +12,9 @@ from rich.table import Table
 
 from regions.messages import FINAL_STATUSES
 from storage.errors import StorageError
-from storage.queries import RunRow
+
+if TYPE_CHECKING:  # rows only annotate: the store's modules load per command
+    from storage.queries import RunRow
 
 POLL_SECONDS = 0.5
 

@@ -77,3 +77,16 @@ def test_every_module_imports_and_every_model_is_complete() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", done.stdout
+
+
+def test_the_cli_starts_without_the_store_or_the_bus() -> None:
+    """Every process a user or a test starts pays for what `geoscrape.cli` imports:
+    the store's and the bus's libraries load in the commands that use them."""
+    probe = (
+        "import sys, geoscrape.cli; heavy = ('sqlalchemy', 'kombu', 'celery', 'scrapy'); "
+        "print(' '.join(m for m in heavy if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "", f"imported at start: {done.stdout.strip()}"
