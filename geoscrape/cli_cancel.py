@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
         from scheduler.cancel import mark_cancelled
         from storage.runinfo import run_detail
 
-        with sessions()() as session:
+        store = sessions()  # opened once: each open checks the schema
+        with store() as session:
             detail = run_detail(session, run)
         if detail.status in FINAL_STATUSES:
             raise BadInput(f"run {detail.id} already {detail.status}: nothing to cancel")
@@ -43,7 +44,7 @@ def register(app: typer.Typer) -> None:
         )
         with connect() as conn:
             publish_ingest(conn, dump(verdict))
-        if not _recorded(detail.id):
+        if not _recorded(store, detail.id):
             out.print(
                 f"cancel of run {detail.id} sent; ingest has not recorded it yet "
                 "(is 'geoscrape ingest' running?)",
@@ -58,14 +59,14 @@ def register(app: typer.Typer) -> None:
         out.print(f"cancelled run {detail.id} ({where}): {then}", highlight=False)
 
 
-def _recorded(run_id: str) -> bool:
+def _recorded(store: Any, run_id: str) -> bool:
     """Wait until the store shows the run cancelled, or RECORD_TIMEOUT passes."""
-    from storage.runinfo import run_detail
+    from storage.runinfo import find_run
 
     deadline = time.monotonic() + RECORD_TIMEOUT
     while time.monotonic() < deadline:
-        with sessions()() as session:
-            if run_detail(session, run_id).status == "cancelled":
+        with store() as session:
+            if find_run(session, run_id).status == "cancelled":
                 return True
         time.sleep(0.2)  # polling the store: the condition, with a deadline
     return False

@@ -307,6 +307,28 @@ def dump(message: BaseModel) -> dict[str, Any]:
     return message.model_dump(mode="json")
 
 
+def verdict(
+    run_id: str,
+    site: str,
+    region: str,
+    status: FinalStatus,
+    error: str | None,
+    stats: RunStats | None = None,
+    at: datetime | None = None,
+) -> RunFinished:
+    """A run's final verdict given by someone other than its crawl (the beat's
+    `skipped`, ingest's `expired`/`dead`, a cancel): no stats unless given."""
+    return RunFinished(
+        run_id=run_id,
+        site=site,
+        region=region,
+        status=status,
+        finished_at=at or utcnow(),
+        stats=stats or RunStats(),
+        error=error,
+    )
+
+
 def expired_run(job: Job, at: datetime | None = None) -> RunFinished:
     """The verdict on a job nobody started before its deadline."""
     deadline = (
@@ -314,15 +336,8 @@ def expired_run(job: Job, at: datetime | None = None) -> RunFinished:
         if job.expires_at
         else "its deadline"
     )
-    return RunFinished(
-        run_id=job.run_id,
-        site=job.site,
-        region=job.region,
-        status="expired",
-        finished_at=at or utcnow(),
-        stats=RunStats(),
-        error=f"expired: no worker in region {job.region!r} started it before {deadline}",
-    )
+    error = f"expired: no worker in region {job.region!r} started it before {deadline}"
+    return verdict(job.run_id, job.site, job.region, "expired", error, at=at)
 
 
 def cancelled_run(
@@ -335,12 +350,4 @@ def cancelled_run(
 ) -> RunFinished:
     """The verdict on a cancelled run, from the CLI or from the worker that dropped
     or aborted its job (`stats`: what the crawl did before it was aborted)."""
-    return RunFinished(
-        run_id=run_id,
-        site=site,
-        region=region,
-        status="cancelled",
-        finished_at=at or utcnow(),
-        stats=stats or RunStats(),
-        error=f"cancelled: {reason}",
-    )
+    return verdict(run_id, site, region, "cancelled", f"cancelled: {reason}", stats, at)

@@ -44,7 +44,7 @@ from kombu import Connection
 
 from regions.app import make_app
 from regions.bus import connect, declare_topology, publish_ingest
-from regions.messages import CodeRef, RunFinished, RunQueued, RunStats, dump, utcnow
+from regions.messages import CodeRef, RunQueued, dump, utcnow, verdict
 from scheduler.dispatch import DispatchError, plan_jobs, send_jobs
 from scheduler.ha import Lease
 from scheduler.reload import ConfigWatcher
@@ -352,15 +352,8 @@ class Beat:
             tick=tick,
             queued_at=now,
         )
-        finished = RunFinished(
-            run_id=run_id,
-            site=site,
-            region=region,
-            status="skipped",
-            finished_at=now,
-            stats=RunStats(),
-            error=f"skipped: run {blocking[0]} of an earlier tick is still {blocking[1]}",
-        )
+        reason = f"skipped: run {blocking[0]} of an earlier tick is still {blocking[1]}"
+        finished = verdict(run_id, site, region, "skipped", reason, at=now)
         publish_ingest(self.conn, dump(queued))
         publish_ingest(self.conn, dump(finished))
 

@@ -28,8 +28,8 @@ MARK_TTL_SECONDS = 7 * 24 * 3600  # longer than any job's expiry (defaults.expir
 CHECK_INTERVAL = 1.0  # seconds between two Redis reads for one run
 
 
-def mark_key(run_id: str, prefix: str | None = None) -> str:
-    return f"{prefix if prefix is not None else settings().redis_prefix}cancel:{run_id}"
+def mark_key(run_id: str) -> str:
+    return f"{settings().redis_prefix}cancel:{run_id}"
 
 
 def mark_cancelled(run_id: str, url: str | None = None) -> None:

@@ -34,7 +34,7 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from regions.bus import scrape_queue
-from regions.messages import Job, RunFinished, RunStats, stored_job, utcnow
+from regions.messages import Job, stored_job, utcnow, verdict
 from regions.settings import DEFAULT_MAX_ATTEMPTS, DEFAULT_RUN_LEASE, settings
 from storage.deadletter import LEASE_REASON, DeadLetter, apply_dead_letter
 from storage.models import runs
@@ -131,7 +131,7 @@ class Reaper:
                 return None  # another ingest got there first, or a heartbeat came in
             if job is None:
                 error = "lease lapsed; its stored job is from an older schema: not redelivered"
-                apply_message(session, _dead_run(run_id, *where, error, now))
+                apply_message(session, verdict(run_id, *where, "dead", error, at=now))
                 log.warning("run %s: %s", run_id, error)
                 return Reaped(run_id, "dead", attempt)
             if dead:
@@ -157,16 +157,3 @@ class Reaper:
             self.max_attempts,
         )
         return Reaped(run_id, "redelivered", attempt)
-
-
-def _dead_run(run_id: str, site: str, region: str, error: str, at: datetime) -> RunFinished:
-    """The verdict on a run whose stored job no longer validates."""
-    return RunFinished(
-        run_id=run_id,
-        site=site,
-        region=region,
-        status="dead",
-        finished_at=at,
-        stats=RunStats(),
-        error=error,
-    )

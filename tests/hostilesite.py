@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import threading
-import time
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -280,5 +279,4 @@ def serve_hostile(host: str = "127.0.0.1", port: int = 0) -> HostileSite:
 if __name__ == "__main__":  # pragma: no cover - manual poking: python -m tests.hostilesite
     with serve_hostile(port=8802) as site:
         print(f"hostile site at {site.url}/", flush=True)
-        while True:
-            time.sleep(3600)
+        threading.Event().wait()  # until Ctrl-C

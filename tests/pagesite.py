@@ -91,7 +91,7 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 n = -1
             if 0 <= n < self.site.pages:
-                if self.site.delay:
+                if self.site.delay:  # the site's response time, not a wait in a test
                     time.sleep(self.site.delay)
                 self._send(200, self.site.body(n), {"Content-Type": "text/html; charset=utf-8"})
                 return

@@ -106,6 +106,18 @@ def finished_runs(s: Stack, site: str, count: int) -> list[Any]:
     return wait_until(done, timeout=240, interval=0.5, what=f"{count} finished run(s) of {site}")
 
 
+def participant(s: Stack, run_id: str) -> str:
+    """The eu worker that joined `run_id` as a participant, once one has."""
+
+    def joined() -> str | None:
+        for name in ("eu-1", "eu-2"):
+            if f"run {run_id}: joining as a participant" in s.log(name):
+                return name
+        return None
+
+    return wait_until(joined, timeout=120, what="a participant")
+
+
 def observations(s: Stack, run_id: str) -> int:
     from storage.models import Observation
 
@@ -172,13 +184,7 @@ def test_a_cancelled_distributed_run_stops_on_every_worker(deployment: Stack) ->
         assert done.returncode == 0, done.stderr
         run_id = re.findall(r"queued run (\S+)", done.stdout)[0]
 
-        def joined() -> str | None:
-            for name in ("eu-1", "eu-2"):
-                if f"run {run_id}: joining as a participant" in s.log(name):
-                    return name
-            return None
-
-        helper = wait_until(joined, timeout=120, what="a participant")
+        helper = participant(s, run_id)
         owner = next(n for n in ("eu-1", "eu-2") if n != helper)
         wait_until(lambda: len(site.page_hits()) >= 10, timeout=120, what="10 pages fetched")
         cancelled = s.cli("cancel", run_id)
@@ -207,13 +213,7 @@ def test_distributed_run_survives_a_worker_killed_mid_crawl(deployment: Stack) -
         assert done.returncode == 0, done.stderr
         run_id = re.findall(r"queued run (\S+)", done.stdout)[0]
 
-        def participant() -> str | None:
-            for name in ("eu-1", "eu-2"):
-                if f"run {run_id}: joining as a participant" in s.log(name):
-                    return name
-            return None
-
-        victim = wait_until(participant, timeout=120, what="a participant")
+        victim = participant(s, run_id)
         wait_until(lambda: len(site.page_hits()) >= 20, timeout=120, what="20 pages fetched")
         proc = s.procs[victim][0]
         proc.kill()  # SIGKILL: its crawl child dies with it (PR_SET_PDEATHSIG)
