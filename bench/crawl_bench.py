@@ -44,6 +44,7 @@ from tests.harness import Stack, wait_until
 from tests.pagesite import max_in_window
 
 PORT = 18731
+MEASURES = ("scrapy", "distributed", "latency", "budget", "ingest")
 ADMIN = os.environ.get("GEOSCRAPE_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP = os.environ.get("GEOSCRAPE_BENCH_AMQP_HOST", "guest:guest@127.0.0.1:5672")
 CONCURRENCY = 16
@@ -83,8 +84,8 @@ def write_site(root: Path, pages: int) -> None:
 
 
 @contextmanager
-def nginx(workdir: Path) -> Iterator[Path]:
-    """nginx serving workdir/site on PORT; yields its access log ($msec path agent)."""
+def nginx(workdir: Path, port: int) -> Iterator[Path]:
+    """nginx serving workdir/site on port; yields its access log ($msec path agent)."""
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     log = workdir / "access.log"
     conf = workdir / "nginx.conf"
@@ -105,7 +106,7 @@ http {{
   scgi_temp_path {workdir}/tmp;
   keepalive_requests 100000;
   server {{
-    listen 127.0.0.1:{PORT};
+    listen 127.0.0.1:{port};
     root {workdir}/site;
     default_type text/html;
   }}
@@ -352,15 +353,24 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-jobs", type=int, default=20)
     parser.add_argument("--ingest-items", type=int, default=20_000)
+    parser.add_argument("--port", type=int, default=PORT, help="nginx's port (default %(default)s)")
+    parser.add_argument(
+        "--only",
+        default=",".join(MEASURES),
+        help=f"comma-separated measures to run, of {', '.join(MEASURES)} (default: all)",
+    )
     args = parser.parse_args()
+    args.only = set(args.only.split(","))
+    if not args.only <= set(MEASURES):
+        parser.error(f"--only: unknown measure(s) {', '.join(sorted(args.only - set(MEASURES)))}")
     workdir = Path(tempfile.mkdtemp(prefix="geoscrape-bench-"))
     workdir.chmod(0o755)  # nginx's workers (nobody) read the site from here
     os.environ["GEOSCRAPE_REDIS_PREFIX"] = f"geoscrape-bench-{uuid.uuid4().hex[:8]}:"
-    base = f"http://127.0.0.1:{PORT}"
+    base = f"http://127.0.0.1:{args.port}"
     write_site(workdir / "site", args.pages)
     rows: list[tuple[str, str]] = []
     try:
-        with nginx(workdir) as log, vhost() as amqp, database() as db:
+        with nginx(workdir, args.port) as log, vhost() as amqp, database() as db:
             config = workdir / "sites.yaml"
             config.write_text(site_yaml(base, args.pages))
             s = Stack(workdir=workdir, broker_url=amqp, db_url=db, config=config)
@@ -387,57 +397,87 @@ def run_all(s: Stack, workdir: Path, base: str, log: Path, args: Any) -> list[tu
     with connect(s.broker_url) as conn:
         declare_topology(conn, ["eu", "us"])
     s.ingest()
-    s.worker("eu", name="eu-1")
-    wait_until(lambda: "ready" in s.log("eu-1"), timeout=300, what="worker eu-1")
     rows: list[tuple[str, str]] = []
+    if "scrapy" in args.only:
+        rows += scrapy_ratio(s, workdir, base, pages, rounds)
+    if "distributed" in args.only:
+        rows += distributed_ratio(s, rounds)
+    if "latency" in args.only:
+        rows += latency(s, args.latency_jobs)
+    if "budget" in args.only:
+        rows += shared_budget(s, log)
+    s.stop(*[n for n in ("eu-1", "eu-2", "us-1", "us-2", "ingest") if n in s.procs])
+    if "ingest" in args.only:
+        ours_rate, plain = ingest_rate(s, args.ingest_items)
+        rows.append((f"ingest, {args.ingest_items} items (items/s)", f"{ours_rate:.0f}"))
+        rows.append(("plain Core insert, batches of 100 (items/s)", f"{plain:.0f}"))
+        rows.append(("ingest / plain insert", f"{ours_rate / plain:.2f}  (goal >= 0.8)"))
+    return rows
 
+
+def ensure_workers(s: Stack, *names: str) -> None:
+    """Start the named workers (region = name's prefix) not yet running; wait until ready."""
+    for name in names:
+        if name not in s.procs or s.procs[name][0].poll() is not None:
+            s.worker(name.split("-")[0], name=name)
+    wait_until(lambda: all("ready" in s.log(n) for n in names), timeout=300, what=", ".join(names))
+
+
+def scrapy_ratio(
+    s: Stack, workdir: Path, base: str, pages: int, rounds: int
+) -> list[tuple[str, str]]:
+    ensure_workers(s, "eu-1")
     bare = [timed(lambda: bare_scrapy(workdir, base)) for _ in range(rounds)]
     ours = [timed(lambda: crawl(s, "full")) for _ in range(rounds)]
     b, o = statistics.median(bare), statistics.median(ours)
-    rows.append((f"bare scrapy, {pages} pages (s)", f"{b:.2f}  ({pages / b:.0f} pages/s)"))
-    rows.append((f"geoscrape 1 worker, {pages} pages (s)", f"{o:.2f}  ({pages / o:.0f} pages/s)"))
-    rows.append(("geoscrape / bare scrapy (pages/s)", f"{b / o:.2f}  (goal >= 0.95)"))
+    return [
+        (f"bare scrapy, {pages} pages (s)", f"{b:.2f}  ({pages / b:.0f} pages/s)"),
+        (f"geoscrape 1 worker, {pages} pages (s)", f"{o:.2f}  ({pages / o:.0f} pages/s)"),
+        ("geoscrape / bare scrapy (pages/s)", f"{b / o:.2f}  (goal >= 0.95)"),
+    ]
 
+
+def distributed_ratio(s: Stack, rounds: int) -> list[tuple[str, str]]:
+    ensure_workers(s, "eu-1")
     one = [timed(lambda: crawl(s, "shared")) for _ in range(rounds)]
-    s.worker("eu", name="eu-2")
-    wait_until(lambda: "ready" in s.log("eu-2"), timeout=300, what="worker eu-2")
+    ensure_workers(s, "eu-1", "eu-2")
     two = [timed(lambda: crawl(s, "shared")) for _ in range(rounds)]
-    d1, d2 = statistics.median(one), statistics.median(two)
-    rows.append(("distributed, 1 worker (s)", f"{d1:.2f}"))
-    rows.append(("distributed, 2 workers (s)", f"{d2:.2f}"))
-    rows.append(("distributed 2 / 1 workers (pages/s)", f"{d1 / d2:.2f}  (goal >= 1.7)"))
-
     s.stop("eu-2")
-    latency = sorted(one_page_latency(s, args.latency_jobs))
-    p50 = statistics.median(latency) * 1000
-    p90 = latency[int(0.9 * (len(latency) - 1))] * 1000
-    rows.append(
+    d1, d2 = statistics.median(one), statistics.median(two)
+    return [
+        ("distributed, 1 worker (s)", f"{d1:.2f}"),
+        ("distributed, 2 workers (s)", f"{d2:.2f}"),
+        ("distributed 2 / 1 workers (pages/s)", f"{d1 / d2:.2f}  (goal >= 1.7)"),
+    ]
+
+
+def latency(s: Stack, jobs: int) -> list[tuple[str, str]]:
+    ensure_workers(s, "eu-1")
+    took = sorted(one_page_latency(s, jobs))
+    p50 = statistics.median(took) * 1000
+    p90 = took[int(0.9 * (len(took) - 1))] * 1000
+    return [
         (
-            f"one-page job, dispatch -> stored ({len(latency)} jobs)",
+            f"one-page job, dispatch -> stored ({len(took)} jobs)",
             f"p50 {p50:.0f} ms, p90 {p90:.0f} ms  (goal p50 <= 50)",
         )
-    )
+    ]
 
-    s.worker("eu", name="eu-2")
-    s.worker("us", name="us-1")
-    s.worker("us", name="us-2")
-    wait_until(
-        lambda: all("ready" in s.log(n) for n in ("eu-2", "us-1", "us-2")),
-        timeout=300,
-        what="four workers",
-    )
+
+def shared_budget(s: Stack, log: Path) -> list[tuple[str, str]]:
+    import sqlalchemy as sa
+
+    from storage.db import make_engine
+
+    ensure_workers(s, "eu-1", "eu-2", "us-1", "us-2")
     since = time.time()
     for name in ("rate-a", "rate-b"):
         done = s.cli("crawl", name)
         if done.returncode != 0:
             raise RuntimeError(done.stderr)
-    from storage.db import make_engine
-
     engine = make_engine(s.db_url)
 
     def rate_done() -> bool:
-        import sqlalchemy as sa
-
         with engine.connect() as c:
             n = c.execute(
                 sa.text(
@@ -452,19 +492,10 @@ def run_all(s: Stack, workdir: Path, base: str, log: Path, args: Any) -> list[tu
     times = sorted(hits(log, since))
     steady = [t for t in times if times[0] + 2 <= t <= times[-1] - 2] or times
     rate = (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 1 else 0.0
-    rows.append(
-        ("shared budget 20/s, 2 regions x 2 workers: requests/s", f"{rate:.1f}  (goal 18-22)")
-    )
-    rows.append(
-        ("shared budget: most requests in any 1 s window", f"{max_in_window(times)}  (goal <= 22)")
-    )
-    s.stop("eu-1", "eu-2", "us-1", "us-2", "ingest")
-
-    ours_rate, plain = ingest_rate(s, args.ingest_items)
-    rows.append((f"ingest, {args.ingest_items} items (items/s)", f"{ours_rate:.0f}"))
-    rows.append(("plain Core insert, batches of 100 (items/s)", f"{plain:.0f}"))
-    rows.append(("ingest / plain insert", f"{ours_rate / plain:.2f}  (goal >= 0.8)"))
-    return rows
+    return [
+        ("shared budget 20/s, 2 regions x 2 workers: requests/s", f"{rate:.1f}  (goal 18-22)"),
+        ("shared budget: most requests in any 1 s window", f"{max_in_window(times)}  (goal <= 22)"),
+    ]
 
 
 if __name__ == "__main__":

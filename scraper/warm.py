@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from typing import IO
 
@@ -34,9 +36,9 @@ class WarmChild:
         try:
             self._conn.connect(path)
             socket.send_fds(self._conn, [b"crawl"], theirs)
-            self._reply = self._conn.makefile("rb")
-            line = self._reply.readline()
-            if not line.strip():
+            self._buffer = b""
+            line = self._line(None)
+            if not line or not line.strip():
                 raise ConnectionError("the fork server closed the connection")
             self.pid = int(line)
         except BaseException:
@@ -52,19 +54,35 @@ class WarmChild:
         self.stderr: IO[bytes] | None = os.fdopen(pipes[2][0], "rb")
         self.returncode: int | None = None
 
+    def _line(self, timeout: float | None) -> bytes | None:
+        """The server's next line; b"" once it closed, None if none came within `timeout`.
+
+        Not a file from makefile(): with a timeout of 0 its readline() answers
+        b"" when no data is there yet, which looks like the end of the stream.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._conn], [], [], wait)[0]:
+                return None
+            try:
+                data = self._conn.recv(64)
+            except OSError:
+                data = b""
+            if not data:
+                return b""
+            self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
     def _read_exit(self, timeout: float | None) -> int | None:
         if self.returncode is not None:
             return self.returncode
-        self._conn.settimeout(timeout)
-        try:
-            line = self._reply.readline()
-        except (TimeoutError, BlockingIOError):
+        line = self._line(timeout)
+        if line is None:
             return None
-        except OSError:
-            line = b""
         # No line: the server died and took the fork with it (PR_SET_PDEATHSIG).
         self.returncode = int(line) if line.strip() else -signal.SIGKILL
-        self._reply.close()
         self._conn.close()
         return self.returncode
 

@@ -97,6 +97,25 @@ def test_a_crashing_fork_is_reported_like_a_crashing_child(
     assert warm.proc.poll() is None
 
 
+def test_a_running_fork_polls_as_running_and_is_killed(warm: runner.WarmChildren) -> None:
+    # Regression: poll() read "no data yet" as "the server hung up" and
+    # answered -9 for a live fork, so the runner's kill skipped it (an aborted
+    # crawl ran on for seconds after the second Ctrl-C).
+    child = warm.spawn()  # waits for its job on stdin: running until killed
+    try:
+        assert child.poll() is None
+        assert child.poll() is None  # asking twice changes nothing
+        assert Path(f"/proc/{child.pid}").exists()
+        runner._kill(child)
+        assert child.returncode == -signal.SIGKILL
+        assert child.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        for stream in (child.stdin, child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
+    wait_until(lambda: not Path(f"/proc/{child.pid}").exists(), timeout=10, what="the fork reaped")
+
+
 def test_a_dead_fork_server_falls_back_to_a_fresh_process(
     warm: runner.WarmChildren, site: PageSite
 ) -> None:

@@ -124,7 +124,7 @@ def test_two_signals_hand_the_run_back_to_another_worker(
         worker_a.wait(timeout=60)
         exit_seconds = time.monotonic() - second
         print(f"\nworker exited {exit_seconds:.1f}s after the second SIGINT")
-        assert exit_seconds < 15, s.log("worker-a")  # 5 s target; generous under shared load
+        assert exit_seconds < 5, s.log("worker-a")  # the bound (measured 0.2-0.3 s)
         assert "handed back to eu" in s.log("worker-a")
         partial = stored(s, run_id)[0]
         assert partial < PRODUCTS  # it really was cut short
