@@ -76,7 +76,7 @@ def load(url: str, observations: int) -> tuple[int, float]:
         for region in REGIONS:
             rid = f"r{run:04d}-{region}"
             keys = [k for k in range(KEYS) if not (region == "asia" and k % 100 == 7)]
-            msgs = [
+            msgs: list[RunQueued | ItemBatch | RunFinished] = [
                 RunQueued(run_id=rid, site="bench", region=region, tick=f"t{run:04d}",
                           queued_at=at, job={"config": CONFIG}),
                 ItemBatch(run_id=rid, site="bench", region=region, seq=0, observed_at=at,
