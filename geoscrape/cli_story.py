@@ -24,7 +24,7 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         with sessions()() as session:
             detail = run_detail(session, run)
         if format is not ViewFormat.table:
-            print(detail.model_dump_json(indent=2))
+            print(detail.model_dump_json(indent=2, by_alias=True))  # as the API: `from`
             return
         for name in ("id", "site", "region", "status", "trigger", "tick", "attempts"):
             out.print(f"{name}: {getattr(detail, name)}", highlight=False, markup=False)
@@ -45,7 +45,9 @@ def register(app: typer.Typer, runs_app: typer.Typer) -> None:
         # The error in full, as recorded: never cut.
         out.print(f"error: {detail.error or '-'}", markup=False, highlight=False)
         config = (
-            json.dumps(detail.config.model_dump(mode="json"), indent=2, sort_keys=True)
+            json.dumps(
+                detail.config.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True
+            )
             if detail.config
             else "-"
         )

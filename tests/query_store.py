@@ -57,6 +57,10 @@ CONFIG = resolved_site(
             "price": {"css": ".price::text", "type": "price"},
         },
     },
+    # Never sent (every run here succeeds); shows the key `from`, not `sender`, in runs show.
+    alerts={
+        "email": {"smtp": "127.0.0.1:2525", "from": "gs@shop.example", "to": ["ops@x.example"]}
+    },
 )
 # (tick, day) -> region -> prices seen (None: blocked)
 SEEN: dict[tuple[str, int], dict[str, dict[str, float] | None]] = {

@@ -153,6 +153,7 @@ def test_runs_show_and_fetches_tell_the_whole_story(
     shown = cli_json("runs", "show", "t1-as")  # a unique prefix will do
     assert shown == requests.get(f"{base}/runs/t1-asia", timeout=30).json()
     assert shown["id"] == "t1-asia" and shown["config"]["name"] == "shop"
+    assert shown["config"]["alerts"]["email"]["from"] == "gs@shop.example"  # as in sites.yaml
     failed = cli_json("fetches", "t1-asia", "--errors")
     assert failed == requests.get(f"{base}/runs/t1-asia/fetches?errors=true", timeout=30).json()
     assert failed["fetches"] and all(
