@@ -17,17 +17,19 @@ whose heartbeats stop, and dead-letters it after GEOSCRAPE_MAX_ATTEMPTS.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from celery import Celery, bootsteps
 from celery.exceptions import Reject
 from celery.worker.request import Request
+from kombu import Connection
 from pydantic import BaseModel, ValidationError
 
 from regions.app import CRAWL_TASK, make_app
@@ -127,6 +129,42 @@ def parse_job(body: Any) -> Job:
         return Job.model_validate(body)
     except ValidationError as exc:
         raise Reject(f"not a valid job: {exc}", requeue=False) from exc
+
+
+# A pool thread keeps its connection for publishing results from one crawl to the
+# next: opening one (TCP, AMQP handshake, confirms) cost a few ms of every one-page
+# job. One idle longer than this is closed instead of reused: nothing sends its
+# heartbeats between crawls, and the broker drops a connection silent for 60 s.
+PUBLISHER_IDLE_SECONDS = 10.0
+
+_publisher = threading.local()  # (connection, url, idle since) of this pool thread
+
+
+@contextlib.contextmanager
+def publishing(url: str) -> Iterator[Connection]:
+    """This pool thread's connection for publishing to ingest, reused while fresh
+    (PUBLISHER_IDLE_SECONDS). When the block raises it is closed, not kept: the
+    next crawl starts on a new one."""
+    held = getattr(_publisher, "held", None)
+    _publisher.held = None
+    conn: Connection | None = None
+    if held is not None:
+        conn, held_url, idle_since = held
+        if held_url != url or time.monotonic() - idle_since > PUBLISHER_IDLE_SECONDS:
+            _close(conn)
+            conn = None
+    conn = conn or connect(url)
+    try:
+        yield conn
+    except BaseException:
+        _close(conn)
+        raise
+    _publisher.held = (conn, url, time.monotonic())
+
+
+def _close(conn: Connection) -> None:
+    with contextlib.suppress(Exception):  # a broken connection may fail to close cleanly
+        conn.release()
 
 
 class CrawlRunner(Protocol):
@@ -282,8 +320,7 @@ def worker_app(
             job.attempt,
             ", ".join(e.proxy for e in attestation.exits),
         )
-        # Imported here so `geoscrape worker --help` stays fast.
-        with connect(app.conf.broker_url) as conn:
+        with publishing(app.conf.broker_url) as conn:
 
             def publish(message: BaseModel) -> None:
                 if isinstance(message, RunProgress):

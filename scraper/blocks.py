@@ -90,6 +90,16 @@ def matches(page: Page, sig: BlockSignature, text: str) -> bool:
     return not (sig.offsite and _host(page.final_url) == _host(page.url))
 
 
+def warm() -> None:
+    """Parse the built-in set and compile its patterns now (the fork server does,
+    so that no crawl forked from it pays for them)."""
+    for sig in builtin().signatures:
+        for pattern in sig.body:
+            _body_pattern(pattern)
+        for pattern in [*sig.headers.values(), *([sig.redirect] if sig.redirect else [])]:
+            _compiled(pattern)
+
+
 def match(page: Page, own: Sequence[BlockSignature] = ()) -> BlockSignature | None:
     """The first signature (the site's own, then the built-in ones) the page matches."""
     text = page.body[:BODY_SCAN_BYTES].decode("utf-8", "replace").lower()

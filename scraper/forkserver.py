@@ -32,14 +32,26 @@ READY = b"ready\n"
 
 
 def preload() -> None:
-    """Everything a crawl imports, imported once in the server (no reactor is installed)."""
+    """Everything a crawl imports, imported once in the server (no reactor is installed),
+    and the caches every crawl would otherwise fill itself (a one-page crawl spent
+    most of its time on them)."""
+    import netrc  # noqa: F401  (requests imports it on the first request)
+
     import scraper.child
     import scraper.ratelimit
     import scraper.requests_engine
+    import scraper.runner  # the fork takes _prctl from it
     import scraper.scrapy_engine
     import scraper.scrapy_frontier
+    from regions.settings import settings
+    from scraper import blocks
 
     scraper.ratelimit._extractor()  # the public suffix list, parsed once
+    blocks.warm()  # the built-in block signatures, parsed and compiled
+    # A fork inherits the server's environment, so the settings parsed here are its own.
+    # Bad settings are left for the crawl to report, as a fresh child would.
+    with contextlib.suppress(Exception):
+        settings()
 
 
 def _run_fork(fds: list[int], server_pid: int) -> int:

@@ -326,6 +326,38 @@ def run_job(
         publish(batch)
         ack_releases()
 
+    def conclude(returncode: int | None) -> RunFinished:
+        """The rest of the results out, then the RunFinished (CrawlAborted if aborted)."""
+        if (batch := batcher.flush()) is not None:
+            send(batch)
+        ack_releases()
+        if aborted:
+            if board is not None and not participant and board.cancelled():
+                # Cancelled, not handed back: nobody may join or continue the run.
+                board.close()
+                board.cleanup()
+            snapshot = stats.snapshot()
+            raise CrawlAborted(job.run_id, snapshot.pages, snapshot.items, snapshot)
+        status: str
+        final_stats: RunStats
+        if done is not None:
+            status, error, final_stats = done.status, done.error, done.stats
+        else:
+            status, final_stats = "failed", stats.snapshot()
+            if timed_out:
+                error = f"crawl timed out after {timeout}s"
+            else:
+                error = _death_message(returncode, tail)
+        if board is not None and participant:
+            board.report(final_stats)
+        elif board is not None:
+            board.close()
+            final_stats = board.total(final_stats)
+            board.cleanup()
+            if done is not None and final_stats.pages > 0:
+                status = "succeeded"  # the pages may all have gone to other workers
+        return _finish(job, publish, status, final_stats, error, publish_it=not participant)
+
     proc = spawn_child(code_path, egress)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     readers = [
@@ -383,6 +415,11 @@ def run_job(
                 timed_out = True
                 give_up_at = None
                 _kill(proc)
+        finished: RunFinished | None = None
+        if done is not None:
+            # The crawl said how it ended and closed its stream: its results go out
+            # now, not after the fork server reaped it (a few ms on every job).
+            finished = conclude(None)
         returncode: int | None
         try:
             returncode = proc.wait(timeout=0 if aborted else EXIT_GRACE_SECONDS)
@@ -398,35 +435,7 @@ def run_job(
             if not reader.is_alive():  # closing under a blocked readline() could hang
                 stream.close()
 
-    if (batch := batcher.flush()) is not None:
-        send(batch)
-    ack_releases()
-    if aborted:
-        if board is not None and not participant and board.cancelled():
-            # Cancelled, not handed back: nobody may join or continue the run.
-            board.close()
-            board.cleanup()
-        snapshot = stats.snapshot()
-        raise CrawlAborted(job.run_id, snapshot.pages, snapshot.items, snapshot)
-    status: str
-    final_stats: RunStats
-    if done is not None:
-        status, error, final_stats = done.status, done.error, done.stats
-    else:
-        status, final_stats = "failed", stats.snapshot()
-        if timed_out:
-            error = f"crawl timed out after {timeout}s"
-        else:
-            error = _death_message(returncode, tail)
-    if board is not None and participant:
-        board.report(final_stats)
-    elif board is not None:
-        board.close()
-        final_stats = board.total(final_stats)
-        board.cleanup()
-        if done is not None and final_stats.pages > 0:
-            status = "succeeded"  # the pages may all have gone to other workers
-    return _finish(job, publish, status, final_stats, error, publish_it=not participant)
+    return finished if finished is not None else conclude(returncode)
 
 
 def _finish(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +116,23 @@ def test_a_running_fork_polls_as_running_and_is_killed(warm: runner.WarmChildren
             if stream is not None:
                 stream.close()
     wait_until(lambda: not Path(f"/proc/{child.pid}").exists(), timeout=10, what="the fork reaped")
+
+
+def test_the_fork_server_fills_what_every_crawl_would_fill_itself() -> None:
+    # Each fork inherits these: parsing and compiling them per crawl was most of a
+    # one-page crawl's own time.
+    check = """
+import sys
+from regions import settings as s
+from scraper import blocks, forkserver
+forkserver.preload()
+assert blocks.builtin.cache_info().currsize == 1
+assert blocks._body_pattern.cache_info().currsize > 0
+assert s._build.cache_info().currsize == 1
+assert "scraper.runner" in sys.modules and "netrc" in sys.modules
+"""
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_dead_fork_server_falls_back_to_a_fresh_process(
