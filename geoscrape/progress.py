@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # rows only annotate: the store's modules load per command
     from storage.queries import RunRow
 
 POLL_SECONDS = 0.5
+# --wait reads the runs this often: one small query, and `crawl --wait` returns
+# this much sooner after the last run is stored.
+WAIT_POLL_SECONDS = 0.1
 
 
 class WaitTimeout(StorageError):
@@ -131,7 +134,7 @@ def wait_for_runs(
                     f"{', '.join(waiting) or 'ingest has not seen them'}); is a worker "
                     "running for each region, and is 'geoscrape ingest' running?"
                 )
-            time.sleep(POLL_SECONDS)
+            time.sleep(WAIT_POLL_SECONDS)
     finally:
         if live:
             live.stop()

@@ -60,6 +60,10 @@ EVENT_QUEUE_MAX = 10_000  # protocol lines read ahead of publishing
 # The crawl stops itself at limits.max_duration; past this much more it is killed.
 DURATION_GRACE_SECONDS = 60.0
 ABORT_POLL_SECONDS = 0.2  # how soon should_abort() is seen
+# Distributed runs: once the child has said nothing for this long, the pages it
+# released are published and acked at once (not at the batch's deadline): the
+# run's end waits for its last leases, and a busy crawl is never this quiet.
+RELEASE_IDLE_SECONDS = 0.05
 
 _PR_SET_PDEATHSIG = 1
 _EOF = object()
@@ -375,6 +379,7 @@ def run_job(
 
         next_progress = clock() + progress_seconds
         give_up_at: float | None = clock() + timeout if timeout is not None else None
+        last_line = clock()
         while True:
             if should_abort is not None and done is None and should_abort():
                 aborted = True
@@ -383,6 +388,8 @@ def run_job(
             wake = min(t for t in (batcher.deadline(), next_progress, give_up_at) if t is not None)
             if should_abort is not None:
                 wake = min(wake, clock() + ABORT_POLL_SECONDS)
+            if releases:
+                wake = min(wake, last_line + RELEASE_IDLE_SECONDS)
             try:
                 line = events.get(timeout=max(0.0, wake - clock()))
             except queue.Empty:
@@ -390,8 +397,10 @@ def run_job(
             if line is _EOF:
                 break
             if isinstance(line, bytes):
+                last_line = clock()
                 done = _handle(line, batcher, stats, send, done, job.run_id, releases) or done
-            if (batch := batcher.poll()) is not None:
+            quiet = bool(releases) and clock() - last_line >= RELEASE_IDLE_SECONDS
+            if (batch := batcher.flush() if quiet else batcher.poll()) is not None:
                 send(batch)
             if releases and not len(batcher):  # all they wrote before is out
                 ack_releases()

@@ -105,7 +105,7 @@ def max_depth(site: ResolvedSite) -> int:
 def settings_for(site: ResolvedSite) -> dict[str, Any]:
     politeness, limits = site.politeness, site.limits
     depth = max_depth(site)
-    return {
+    settings: dict[str, Any] = {
         "ROBOTSTXT_OBEY": politeness.robots == "obey",
         "DOWNLOAD_DELAY": politeness.delay,
         "CONCURRENT_REQUESTS": politeness.concurrency,
@@ -135,6 +135,12 @@ def settings_for(site: ResolvedSite) -> dict[str, Any]:
         "GEOSCRAPE_SOURCE_ADDRESS": site.source_address,
         "GEOSCRAPE_MAX_DEPTH": depth,
     }
+    if site.spider is None and site.project is None:
+        # The generic spider's output needs no parallelism (it has no item
+        # pipelines: the recorder writes each item at once), and Scrapy starts
+        # CONCURRENT_ITEMS asyncio tasks per page to process it (default 100).
+        settings["CONCURRENT_ITEMS"] = 1
+    return settings
 
 
 def short_error(exc: BaseException) -> str:
@@ -221,8 +227,9 @@ class FetchRecorderMiddleware:
         if self._limit_reached():
             raise IgnoreRequest("max_pages reached")
         self.responses += 1
-        if self.shared is not None:
-            self.shared.count_page()
+        if self.shared is not None and self.shared.count_page(self.max_pages) > self.max_pages:
+            self._close()  # other workers' responses took the last pages
+            raise IgnoreRequest("max_pages reached")
         origin = (request.meta.get("redirect_urls") or [request.url])[0]
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))

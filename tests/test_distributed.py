@@ -68,6 +68,35 @@ def test_a_lapsed_lease_goes_back_to_the_queue(
     assert not one.pending()
 
 
+def test_one_round_trip_leases_a_batch_and_queues_a_page_of_links(redis_prefix: str) -> None:
+    run = str(uuid.uuid4())
+    one, two = Frontier(run), Frontier(run)
+    entries = [Entry.make(f"http://a.example/{n}", f"fp{n}", {"depth": 1}) for n in range(5)]
+    assert one.add_many([(e, False) for e in entries]) == 5
+    assert two.add_many([(entries[0], False), (entries[0], True)]) == 1  # seen; forced again
+    taken = one.take_many(3)
+    assert [e.url for e in taken] == [f"http://a.example/{n}" for n in range(3)]  # FIFO
+    assert [e.url for e in two.take_many(10)] == [
+        "http://a.example/3",
+        "http://a.example/4",
+        "http://a.example/0",
+    ]
+    one.give_back([taken[2].raw])  # not crawled here: at once for anyone, not after the lease
+    again = two.take()
+    assert again is not None and again.raw == taken[2].raw
+    assert two.take() is None and one.pending()  # the rest is leased
+
+
+def test_page_counts_ride_along_and_are_exact_near_max_pages(redis_prefix: str) -> None:
+    run = str(uuid.uuid4())
+    one, two = Frontier(run), Frontier(run)
+    assert one.count_page(limit=1000) == 1 and two.flush_count() == 0  # not sent yet
+    one.take_many(1)  # sends it
+    assert two.flush_count() == 1
+    assert one.count_page(limit=10) == 2 and two.pages() == 1  # near the limit: at once
+    assert two.flush_count() == 2 and two.count_page(limit=10) == 3
+
+
 def test_stats_add_up() -> None:
     from regions.messages import RunStats
 
@@ -111,3 +140,23 @@ def test_owner_and_participant_fetch_every_page_once(redis_prefix: str) -> None:
     assert not any(isinstance(m, RunFinished) for m in helper_out)  # only the owner's counts
     assert client.exists(run_key(job.run_id, "closed"))
     assert not client.exists(run_key(job.run_id, "queue"))
+
+
+def test_max_pages_holds_for_the_run_over_two_workers(redis_prefix: str) -> None:
+    with serve_pages(PageSite(pages=60, delay=0.05)) as site:
+        config = distributed_config(site.url, 60)
+        config["limits"]["max_pages"] = 20
+        config["politeness"]["concurrency"] = 4
+        job = Job(run_id=str(uuid.uuid4()), site="pages", region="eu", config=config)
+        owner_out: list[BaseModel] = []
+        owner = threading.Thread(
+            target=lambda: run_job(job, owner_out.append, worker="eu@a", timeout=120)
+        )
+        owner.start()
+        client = connect()
+        wait_until(lambda: find_open_run(client, "eu"), timeout=60, what="the open run")
+        helper = run_job(job, lambda _m: None, worker="eu@b", participant=True)
+        owner.join(timeout=120)
+    finished = owner_out[-1]
+    assert isinstance(finished, RunFinished), finished
+    assert finished.stats.pages == 20, (finished.stats, helper.stats)
