@@ -397,6 +397,8 @@ def run_all(s: Stack, workdir: Path, base: str, log: Path, args: Any) -> list[tu
     with connect(s.broker_url) as conn:
         declare_topology(conn, ["eu", "us"])
     s.ingest()
+    # Consuming means the schema is in place: the ingest measure counts rows right away.
+    wait_until(lambda: "consuming" in s.log("ingest"), timeout=300, what="ingest to start")
     rows: list[tuple[str, str]] = []
     if "scrapy" in args.only:
         rows += scrapy_ratio(s, workdir, base, pages, rounds)

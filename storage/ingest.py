@@ -15,9 +15,11 @@ redelivery into a no-op. Nothing is dropped:
 
 Messages already waiting in the prefetch buffer are grouped into one
 transaction (up to ``group_size``), which is what makes SQLite keep up with
-many small messages; if a group fails for a message-specific reason its
-messages are retried one by one, so one poison message never takes the
-others with it.
+many small messages; the writer merges a group's item batches into one
+statement per table (storage.writer.apply_messages). The prefetch is twice
+the group, so the broker delivers the next group while one is written. If a
+group fails for a message-specific reason its messages are retried one by
+one, so one poison message never takes the others with it.
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ from storage.deadletter import (
 )
 from storage.migrate import ensure_schema
 from storage.reaper import PublishJob, Reaper, lease_settings
-from storage.writer import apply_message, record_bad_message, release_run
+from storage.writer import IngestMessage as StoredMessage
+from storage.writer import apply_messages, record_bad_message, release_run
 
 log = logging.getLogger("geoscrape.ingest")
 
-PREFETCH_COUNT = 100
+PREFETCH_COUNT = 200
 GROUP_SIZE = 100
 # How long to wait for more messages before committing a partial group.
 GROUP_WAIT = 0.05
@@ -271,20 +274,31 @@ class Ingest(ConsumerMixin):
     # -- writing ------------------------------------------------------------
 
     def _flush(self) -> None:
-        group, self._pending = self._pending, []
+        # At most group_size: more can be pending (delivered while the consumer
+        # started); those wait for the next turn of the loop.
+        group = self._pending[: self.group_size]
+        self._pending = self._pending[self.group_size :]
         self._commit(group)
 
     def _write(self, group: list[_Delivery]) -> None:
         with self.sessions.begin() as session:
+            # Consecutive ingest messages go to the writer together (it merges their
+            # item batches); anything else is applied in its place in the order.
+            run: list[StoredMessage] = []
             for d in group:
+                msg = d.parsed
+                if msg is not None and d.dead is None and not isinstance(msg, RunReleased):
+                    run.append(msg)
+                    continue
+                apply_messages(session, run)
+                run = []
                 if d.parsed is not None and d.dead is not None:
                     apply_dead_letter(session, d.dead)
                 elif isinstance(d.parsed, RunReleased):
                     self._release(session, d.parsed)
-                elif d.parsed is not None:
-                    apply_message(session, d.parsed)
                 else:
                     record_bad_message(session, d.body_text, d.error or "", d.received_at)
+            apply_messages(session, run)
 
     def _release(self, session: Session, msg: RunReleased) -> None:
         """Requeue a run its worker handed back; published inside the transaction,

@@ -18,24 +18,41 @@ depend on the order of arrival:
   time (RunStarted, ItemBatch, RunProgress) and the highest attempt seen.
 
 Every write is one set-based SQL statement (atomic on its own), so two ingest
-processes can apply messages concurrently.
+processes can apply messages concurrently. ``apply_messages`` writes the rows
+of consecutive item batches together, one statement per table and 1,000 rows
+(on PostgreSQL the rows travel as one JSON parameter), to the same final
+state as applying the batches one by one.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import re
-from collections.abc import Iterable, Mapping
-from datetime import datetime
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Table, case, func, or_, select, update
+from pydantic_core import PydanticSerializationError
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Table,
+    Text,
+    bindparam,
+    case,
+    column,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from regions.messages import (
     FINAL_STATUSES,
-    Fetch,
     ItemBatch,
     Job,
     RunFinished,
@@ -118,6 +135,15 @@ def _clean(value: Any) -> Any:
 
 
 def _cleaned(msg: IngestMessage) -> IngestMessage:
+    # Most messages need no cleaning, and pydantic's JSON serialisation says so
+    # cheaply: it fails on a lone surrogate and escapes NUL as \u0000 (a literal
+    # backslash-u0000 in the text only costs the slow path).
+    try:
+        text = msg.model_dump_json()
+    except PydanticSerializationError:
+        text = "\\u0000"
+    if "\\u0000" not in text:
+        return msg
     return type(msg).model_validate(_clean(msg.model_dump()))
 
 
@@ -271,59 +297,54 @@ def _job_site(session: Session, run_id: str) -> ResolvedSite | None:
 
 # --- item batches ------------------------------------------------------------
 
+# Rows per INSERT statement on PostgreSQL (one JSON parameter each).
+BULK_ROWS = 1000
 
-def _execute_many(session: Session, stmt: Any, rows: Iterable[Mapping[str, Any]]) -> None:
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return (value.replace(tzinfo=UTC) if value.tzinfo is None else value).isoformat()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _insert_many(
+    session: Session,
+    table: Table,
+    rows: Iterable[Mapping[str, Any]],
+    on_conflict: Callable[[Any], Any],
+) -> None:
+    """INSERT ``rows`` (all with the same keys, no bytes) with ``on_conflict(insert)``.
+
+    On PostgreSQL the rows travel as one JSON array unpacked by json_to_recordset
+    (json, not jsonb: the server parses the text once), so one statement and one
+    round trip, where an executemany costs a Bind/Execute per row (most of
+    ingest's time, client and server side). SQLite runs in-process and keeps
+    the executemany.
+    """
     params = list(rows)
-    if params:
-        session.execute(stmt, params)
-
-
-def _apply_batch(session: Session, msg: ItemBatch) -> None:
-    _ensure_run(session, msg, "running")
-    _raise_status(session, msg.run_id, "running")
-    observed_at: datetime = msg.observed_at
-    _renew_lease(session, msg.run_id, observed_at)
-
-    # One row per key: the first occurrence in the batch, as observations keep it.
-    # Sample 0 is the run's observation; extra samples go to item_samples only.
-    unique: dict[str, ScrapedItem] = {}
-    extra: dict[tuple[int, str], ScrapedItem] = {}
-    for item in msg.items:
-        if item.sample == 0:
-            unique.setdefault(item.key, item)
-        else:
-            extra.setdefault((item.sample, item.key), item)
-    hashes = {key: content_hash(it.data) for key, it in unique.items()}
-    extra_hashes = {sk: content_hash(it.data) for sk, it in extra.items()}
-
-    # Sorted, so two ingests inserting overlapping contents lock rows in one order.
-    by_hash = {hashes[key]: it.data for key, it in unique.items()}
-    by_hash.update({extra_hashes[sk]: it.data for sk, it in extra.items()})
-    _execute_many(
-        session,
-        insert(session, contents).on_conflict_do_nothing(index_elements=[contents.c.hash]),
-        ({"hash": h, "data": by_hash[h]} for h in sorted(by_hash)),
+    if not params:
+        return
+    if session.get_bind().dialect.name != "postgresql":
+        session.execute(on_conflict(insert(session, table)), params)
+        return
+    cols = [table.c[name] for name in params[0]]
+    record = (
+        func.json_to_recordset(sql_cast(bindparam("rows", type_=Text), postgresql.JSON))
+        .table_valued(*(column(c.name, c.type) for c in cols))
+        .render_derived(name="r", with_types=True)
     )
-    _execute_many(
-        session,
-        insert(session, observations).on_conflict_do_nothing(
-            index_elements=[observations.c.run_id, observations.c.key]
-        ),
-        (
-            {
-                "run_id": msg.run_id,
-                "site": msg.site,
-                "region": msg.region,
-                "key": it.key,
-                "url": it.url,
-                "content_hash": hashes[it.key],
-                "observed_at": observed_at,
-            }
-            for it in unique.values()
-        ),
+    stmt = on_conflict(
+        postgresql.insert(table).from_select(
+            [c.name for c in cols], select(*(record.c[c.name] for c in cols))
+        )
     )
+    for start in range(0, len(params), BULK_ROWS):
+        chunk = params[start : start + BULK_ROWS]
+        session.execute(stmt, {"rows": json.dumps(chunk, default=_json_default)})
 
-    upsert = insert(session, items)
+
+def _item_upsert(upsert: Any) -> Any:
+    """An item keeps its newest observation's data and its earliest first sighting."""
     new = upsert.excluded
     newer = new.last_seen_at >= items.c.last_seen_at
     earlier = new.first_seen_at < items.c.first_seen_at
@@ -334,106 +355,204 @@ def _apply_batch(session: Session, msg: ItemBatch) -> None:
     def first(col: str) -> Any:
         return case((earlier, new[col]), else_=items.c[col])
 
-    _execute_many(
-        session,
-        upsert.on_conflict_do_update(
-            index_elements=[items.c.site, items.c.region, items.c.key],
-            set_={
-                "url": latest("url"),
-                "data": latest("data"),
-                "last_run_id": latest("last_run_id"),
-                "last_seen_at": latest("last_seen_at"),
-                "first_run_id": first("first_run_id"),
-                "first_seen_at": first("first_seen_at"),
-            },
-            where=or_(newer, earlier),
-        ),
-        (
-            {
+    return upsert.on_conflict_do_update(
+        index_elements=[items.c.site, items.c.region, items.c.key],
+        set_={
+            "url": latest("url"),
+            "data": latest("data"),
+            "last_run_id": latest("last_run_id"),
+            "last_seen_at": latest("last_seen_at"),
+            "first_run_id": first("first_run_id"),
+            "first_seen_at": first("first_seen_at"),
+        },
+        where=or_(newer, earlier),
+    )
+
+
+_LATEST = ("url", "data", "last_run_id", "last_seen_at")
+_FIRST = ("first_run_id", "first_seen_at")
+
+
+def _merge_item(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Fold ``new`` into ``old`` as _item_upsert would apply it after ``old``."""
+    if new["last_seen_at"] >= old["last_seen_at"]:
+        old.update((c, new[c]) for c in _LATEST)
+    if new["first_seen_at"] < old["first_seen_at"]:
+        old.update((c, new[c]) for c in _FIRST)
+
+
+class _Batches:
+    """The rows of consecutive ItemBatches, written with one statement per table.
+
+    Writing the merged rows leaves the tables exactly as applying the batches
+    one after the other would: the first row per conflict key wins where the
+    insert does nothing on conflict, items are folded as _item_upsert folds
+    them, and a run's lease only grows, so one renewal to the newest time does.
+    """
+
+    def __init__(self) -> None:
+        self.runs: dict[str, ItemBatch] = {}  # run_id -> its first batch here
+        self.leases: dict[str, datetime] = {}
+        self.contents: dict[str, Any] = {}
+        self.observations: dict[tuple[str, str], dict[str, Any]] = {}
+        self.items: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.item_samples: dict[tuple[str, int, str], dict[str, Any]] = {}
+        self.fetches: dict[tuple[str, str], dict[str, Any]] = {}
+        self.fetch_samples: dict[tuple[str, int, str], dict[str, Any]] = {}
+        self.bodies: dict[tuple[str, int, str], dict[str, Any]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.runs)
+
+    def add(self, msg: ItemBatch) -> None:
+        run_id, observed_at = msg.run_id, msg.observed_at
+        self.runs.setdefault(run_id, msg)
+        lease = self.leases.get(run_id)
+        self.leases[run_id] = observed_at if lease is None else max(lease, observed_at)
+        # Sample 0 is the run's observation; extra samples go to item_samples only.
+        # One row per key and message: its first occurrence (an observation keeps
+        # the first message's, an item folds every message's).
+        unique: dict[str, ScrapedItem] = {}
+        for it in msg.items:
+            if it.sample == 0:
+                unique.setdefault(it.key, it)
+            elif (run_id, it.sample, it.key) not in self.item_samples:
+                digest = content_hash(it.data)
+                self.contents.setdefault(digest, it.data)
+                self.item_samples[run_id, it.sample, it.key] = {
+                    "run_id": run_id,
+                    "sample": it.sample,
+                    "key": it.key,
+                    "url": it.url,
+                    "content_hash": digest,
+                    "observed_at": observed_at,
+                }
+        for it in unique.values():
+            digest = content_hash(it.data)
+            self.contents.setdefault(digest, it.data)
+            self.observations.setdefault(
+                (run_id, it.key),
+                {
+                    "run_id": run_id,
+                    "site": msg.site,
+                    "region": msg.region,
+                    "key": it.key,
+                    "url": it.url,
+                    "content_hash": digest,
+                    "observed_at": observed_at,
+                },
+            )
+            row = {
                 "site": msg.site,
                 "region": msg.region,
                 "key": it.key,
                 "url": it.url,
                 "data": it.data,
-                "first_run_id": msg.run_id,
-                "last_run_id": msg.run_id,
+                "first_run_id": run_id,
+                "last_run_id": run_id,
                 "first_seen_at": observed_at,
                 "last_seen_at": observed_at,
             }
-            for it in unique.values()
-        ),
-    )
+            old = self.items.get((msg.site, msg.region, it.key))
+            if old is None:
+                self.items[msg.site, msg.region, it.key] = row
+            else:
+                _merge_item(old, row)
 
-    _execute_many(
-        session,
-        insert(session, item_samples).on_conflict_do_nothing(
-            index_elements=[item_samples.c.run_id, item_samples.c.sample, item_samples.c.key]
-        ),
-        (
-            {
-                "run_id": msg.run_id,
-                "sample": sample,
-                "key": key,
-                "url": it.url,
-                "content_hash": extra_hashes[sample, key],
-                "observed_at": observed_at,
-            }
-            for (sample, key), it in extra.items()
-        ),
-    )
-
-    def fetch_row(f: Fetch) -> dict[str, Any]:
-        return {
-            "run_id": msg.run_id,
-            "url": f.url,
-            "status": f.status,
-            "bytes": f.bytes,
-            "error": f.error,
-            "final_url": f.final_url,
-            "sha256": f.sha256,
-            "block": f.block,
-            "fetched_at": observed_at,
-        }
-
-    _execute_many(
-        session,
-        insert(session, fetches).on_conflict_do_nothing(
-            index_elements=[fetches.c.run_id, fetches.c.url]
-        ),
-        (
-            fetch_row(f) | {"region": msg.region, "exit_address": f.exit}
-            for f in msg.fetches
-            if f.sample == 0
-        ),
-    )
-    _execute_many(
-        session,
-        insert(session, fetch_samples).on_conflict_do_nothing(
-            index_elements=[fetch_samples.c.run_id, fetch_samples.c.sample, fetch_samples.c.url]
-        ),
-        (fetch_row(f) | {"sample": f.sample} for f in msg.fetches if f.sample > 0),
-    )
-    _execute_many(
-        session,
-        insert(session, bodies).on_conflict_do_nothing(
-            index_elements=[bodies.c.run_id, bodies.c.sample, bodies.c.url]
-        ),
-        (
-            {
-                "run_id": msg.run_id,
-                "sample": f.sample,
+        for f in msg.fetches:
+            fetch = {
+                "run_id": run_id,
                 "url": f.url,
-                "final_url": f.final_url,
                 "status": f.status,
-                "headers": [list(h) for h in f.headers or []],
-                "body": base64.b64decode(f.body),
-                "sha256": f.sha256 or "",
+                "bytes": f.bytes,
+                "error": f.error,
+                "final_url": f.final_url,
+                "sha256": f.sha256,
+                "block": f.block,
                 "fetched_at": observed_at,
             }
-            for f in msg.fetches
-            if f.body is not None and f.status is not None
-        ),
-    )
+            if f.sample == 0:
+                fetch |= {"region": msg.region, "exit_address": f.exit}
+                self.fetches.setdefault((run_id, f.url), fetch)
+            else:
+                self.fetch_samples.setdefault(
+                    (run_id, f.sample, f.url), fetch | {"sample": f.sample}
+                )
+            if (
+                f.body is not None
+                and f.status is not None
+                and ((run_id, f.sample, f.url) not in self.bodies)
+            ):
+                self.bodies[run_id, f.sample, f.url] = {
+                    "run_id": run_id,
+                    "sample": f.sample,
+                    "url": f.url,
+                    "final_url": f.final_url,
+                    "status": f.status,
+                    "headers": [list(h) for h in f.headers or []],
+                    "body": base64.b64decode(f.body),
+                    "sha256": f.sha256 or "",
+                    "fetched_at": observed_at,
+                }
+
+    def write(self, session: Session) -> None:
+        for run_id, msg in self.runs.items():
+            _ensure_run(session, msg, "running")
+            _raise_status(session, run_id, "running")
+            _renew_lease(session, run_id, self.leases[run_id])
+        # Contents and items sorted by key, so two ingests writing overlapping rows
+        # lock them in one order; the others keep the batches' order (their ids are
+        # the crawl's order: fetches by id, observations by observed_at, id).
+        _insert_many(
+            session,
+            contents,
+            ({"hash": h, "data": self.contents[h]} for h in sorted(self.contents)),
+            lambda ins: ins.on_conflict_do_nothing(index_elements=[contents.c.hash]),
+        )
+        _insert_many(
+            session,
+            observations,
+            self.observations.values(),
+            lambda ins: ins.on_conflict_do_nothing(
+                index_elements=[observations.c.run_id, observations.c.key]
+            ),
+        )
+        _insert_many(session, items, (self.items[k] for k in sorted(self.items)), _item_upsert)
+        _insert_many(
+            session,
+            item_samples,
+            self.item_samples.values(),
+            lambda ins: ins.on_conflict_do_nothing(
+                index_elements=[item_samples.c.run_id, item_samples.c.sample, item_samples.c.key]
+            ),
+        )
+        _insert_many(
+            session,
+            fetches,
+            self.fetches.values(),
+            lambda ins: ins.on_conflict_do_nothing(
+                index_elements=[fetches.c.run_id, fetches.c.url]
+            ),
+        )
+        _insert_many(
+            session,
+            fetch_samples,
+            self.fetch_samples.values(),
+            lambda ins: ins.on_conflict_do_nothing(
+                index_elements=[
+                    fetch_samples.c.run_id,
+                    fetch_samples.c.sample,
+                    fetch_samples.c.url,
+                ]
+            ),
+        )
+        if self.bodies:  # bytes: not JSON, so an executemany on every backend
+            session.execute(
+                insert(session, bodies).on_conflict_do_nothing(
+                    index_elements=[bodies.c.run_id, bodies.c.sample, bodies.c.url]
+                ),
+                list(self.bodies.values()),
+            )
 
 
 # --- worker heartbeats ---------------------------------------------------------
@@ -487,10 +606,28 @@ def _apply_heartbeat(session: Session, msg: WorkerHeartbeat) -> None:
 
 def apply_message(session: Session, msg: IngestMessage) -> None:
     """Apply one parsed ingest message; the caller commits (or rolls back)."""
-    msg = _cleaned(msg)
-    if isinstance(msg, ItemBatch):
-        _apply_batch(session, msg)
-    elif isinstance(msg, RunQueued):
+    apply_messages(session, [msg])
+
+
+def apply_messages(session: Session, msgs: Iterable[IngestMessage]) -> None:
+    """Apply parsed ingest messages in order, as apply_message one by one would;
+    consecutive ItemBatches are written together. The caller commits."""
+    batches = _Batches()
+    for msg in msgs:
+        msg = _cleaned(msg)
+        if isinstance(msg, ItemBatch):
+            batches.add(msg)
+            continue
+        if batches:
+            batches.write(session)
+            batches = _Batches()
+        _apply_one(session, msg)
+    if batches:
+        batches.write(session)
+
+
+def _apply_one(session: Session, msg: IngestMessage) -> None:
+    if isinstance(msg, RunQueued):
         _apply_queued(session, msg)
     elif isinstance(msg, RunStarted):
         _apply_started(session, msg)
