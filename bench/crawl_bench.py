@@ -236,32 +236,37 @@ def bare_scrapy(workdir: Path, base: str) -> None:
 
 
 def one_page_latency(s: Stack, n: int) -> list[float]:
-    """Dispatch one-page jobs one at a time; seconds from publish to stored."""
-    from scheduler.dispatch import plan_jobs, publish_jobs
+    """Dispatch one-page jobs one at a time as the beat does (one app and connection,
+    topology declared once: scheduler.dispatch.send_jobs); seconds from send to stored."""
+    from sqlalchemy import text
+
+    from regions.app import make_app
+    from regions.bus import connect, declare_topology
+    from scheduler.dispatch import plan_jobs, send_jobs
     from scheduler.loader import load_config
     from storage.db import make_engine
 
     config = load_config(str(s.config))
     engine = make_engine(s.db_url)
+    app = make_app(s.broker_url)
     out = []
-    for _ in range(n):
-        [job] = plan_jobs(config, "one", ["eu"])
-        started = time.perf_counter()
-        publish_jobs([job])
-        with engine.connect() as conn:
-            from sqlalchemy import text
-
+    with connect(s.broker_url) as conn, engine.connect() as db:
+        declare_topology(conn, ["eu"])
+        for _ in range(n):
+            [job] = plan_jobs(config, "one", ["eu"])
+            started = time.perf_counter()
+            send_jobs(app, conn, [job])
             while True:
-                status = conn.execute(
+                status = db.execute(
                     text("SELECT status FROM runs WHERE id = :id"), {"id": job.run_id}
                 ).scalar()
-                conn.commit()
+                db.commit()
                 if status == "succeeded":
                     break
                 if status == "failed":
                     raise RuntimeError("one-page job failed")
                 time.sleep(0.002)
-        out.append(time.perf_counter() - started)
+            out.append(time.perf_counter() - started)
     engine.dispose()
     return out
 
