@@ -7,12 +7,17 @@ own budget). The budget lives in Redis, as GCRA state read and written by one
 Lua script per request, so the check is atomic whatever the number of workers:
 
 - `{prefix}rate:{scope}` holds the earliest time the next request may go (the
-  "theoretical arrival time", Redis clock). A request goes when that time has
-  come and moves it one interval on; otherwise the caller learns how long to
-  wait and asks again. Nothing is reserved ahead, so a pause applies at once.
-- Each crawl asks for one request at a time (the Scrapy middleware serialises
-  its asks), so slots go round-robin between the crawls that wait: a region
-  with a backlog cannot starve another.
+  "theoretical arrival time", Redis clock). Asking reserves a slot: the caller
+  gets the later of now, that time and any pause, and the time moves one
+  interval past it. The caller sleeps until its slot and then re-checks: if a
+  pause began meanwhile (a 429), or the re-check came more than `LATE` after
+  its slot (a stalled process; Redis clock, the caller's round trip allowed
+  for), it reserves a new slot instead of sending. No slot is lost to a round
+  trip, so the budget runs at its rate; no slot is taken twice, and a late
+  request cannot bunch with the slots after it.
+- Each crawl holds at most one reservation per scope (the Scrapy middleware
+  serialises its asks), so slots go round-robin between the crawls that wait:
+  a region with a backlog cannot starve another.
 - `{prefix}rate-pause:{scope}` is set by a 429, or a 503 with Retry-After: no
   request goes to that scope before it, from any worker. Retry-After (seconds
   or HTTP date) sets its length, capped by `politeness.max_retry_after`;
@@ -54,22 +59,38 @@ STRIKE_MEMORY = 60.0  # seconds after the last 429 before the backoff starts ove
 BACKOFF_BASE = 1.0  # seconds: the pause of a first 429 without Retry-After
 PAUSE_STATUSES = (429, 503)
 # Requests are spaced at 1 / (rate * HEADROOM): a request reaches the site some
-# time after its slot (scheduling, connecting), and two neighbours bunch up when
-# the first one is late. Aiming 10% low keeps every 1-second window at or
-# below the rate (+1 at its edge) under up to ~0.2 s of such jitter.
-HEADROOM = 0.9
+# time after its slot (waking up, connecting), and two neighbours bunch up when
+# the first one is late. Slots are reserved, so none is lost and the rate is
+# rate * HEADROOM; aiming 5% low keeps every 1-second window at or below the
+# rate under up to ~0.05 s of such jitter, and at most one over under ~0.1 s
+# (at 20/s; ~0.15 s at 10/s).
+HEADROOM = 0.95
+# A caller whose recheck reaches Redis more than this after its slot takes a
+# new slot (see Budget.recheck): late requests bunch with later ones by at most
+# this much. Callers aim their recheck at LATE / 2 past the slot, less their
+# round trip to Redis.
+LATE = 0.05  # seconds
 
-# KEYS: tat, pause. ARGV: interval (s). Returns "0" (go now) or the seconds to wait.
-_ACQUIRE = """
+# KEYS: tat, pause. ARGV: interval (s), slot ("": none), late (s).
+# Returns {seconds until the slot, the slot's time} (Redis clock, as strings).
+# Without a slot: reserves the next one (not before any pause). With the slot
+# the caller slept until: {"0", slot} (send) if no pause is on and it is at
+# most `late` past it, else a new slot. Lateness is on the Redis clock, so a
+# reply that was slow to arrive cannot hide it.
+_RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
-if pause > now then return tostring(pause - now) end
+local slot = tonumber(ARGV[2])
+if slot and pause <= now then
+  if now < slot then return {tostring(slot - now), ARGV[2]} end
+  if now - slot <= tonumber(ARGV[3]) then return {'0', ARGV[2]} end
+end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat > now then return tostring(tat - now) end
-local interval = tonumber(ARGV[1])
-redis.call('SET', KEYS[1], tostring(now + interval), 'PX', math.ceil(interval * 1000) + 1000)
-return '0'
+local at = math.max(now, pause, tat)
+local next_tat = at + tonumber(ARGV[1])
+redis.call('SET', KEYS[1], tostring(next_tat), 'PX', math.ceil((next_tat - now) * 1000) + 1000)
+return {tostring(at - now), tostring(at)}
 """
 
 # KEYS: pause, strikes. ARGV: retry_after (s, -1: none), cap (s), base (s), memory (s).
@@ -142,6 +163,16 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
+@dataclass(frozen=True)
+class Slot:
+    """A reserved slot: `wait` seconds from when it was given; `at` on Redis's
+    clock (`remote`) or the crawl's own (the local fallback)."""
+
+    wait: float
+    at: float
+    remote: bool
+
+
 @dataclass
 class _LocalState:
     """The same rules in-process, for a crawl that lost Redis."""
@@ -155,8 +186,9 @@ class Budget:
     """One crawl's view of the shared budget. Thread-safe.
 
     `interval_for(url)` gives the spacing between requests to its scope
-    (0: unlimited); `try_acquire(url)` says how long to wait (0: go now);
-    `wait(url)` blocks until the request may go; `observe(url, status,
+    (0: unlimited); `reserve(url)` reserves a slot and `recheck(url, slot)`,
+    after sleeping until it, says go (wait 0) or gives a new slot; `wait(url)`
+    does both and blocks until the request may go; `observe(url, status,
     retry_after)` turns a 429/503 into a pause for everyone.
     """
 
@@ -179,7 +211,7 @@ class Budget:
         self._clock = clock
         self._lock = threading.Lock()
         self._client: redis.Redis | None = None
-        self._acquire: Callable[..., object] | None = None
+        self._reserve: Callable[..., object] | None = None
         self._pause: Callable[..., object] | None = None
         self._robots_interval: dict[str, float] = {}
         self._local: _LocalState | None = None
@@ -216,26 +248,53 @@ class Budget:
 
     # -- asking ------------------------------------------------------------------
 
-    def try_acquire(self, url: str) -> float:
-        """0 when a request to `url` may go now (and it is counted), else seconds to wait."""
+    def reserve(self, url: str) -> Slot:
+        """Reserve the next slot for a request to `url` (wait 0: send now)."""
+        return self._ask(url, None)
+
+    def recheck(self, url: str, slot: Slot) -> Slot:
+        """After sleeping until `slot`: wait 0 to send now, else a new slot to sleep until.
+
+        A new slot when a pause began meanwhile (one after the pause), or when
+        this recheck reached Redis more than LATE after the slot: sent now,
+        the late request would bunch with the slots after it (a stalled crawl
+        holds one, so several stalled crawls would burst together).
+        """
+        return self._ask(url, slot)
+
+    def _ask(self, url: str, slot: Slot | None) -> Slot:
         interval = self.interval_for(url)
         if interval <= 0:
-            return 0.0  # no rate and no robots delay: the budget is not used
+            return Slot(0.0, 0.0, remote=False)  # no rate and no robots delay: no budget
         key = scope_of(url, self.scope)
         if self._local is None:
             try:
                 keys = [self._key("rate", key), self._key("rate-pause", key)]
-                return float(self._remote_acquire()(keys=keys, args=[interval]))  # type: ignore[arg-type]
+                at = "" if slot is None else repr(slot.at)
+                asked = self._clock()
+                reply = self._remote_reserve()(keys=keys, args=[interval, at, LATE])
+                assert isinstance(reply, list)
+                wait, rtt = float(reply[0]), self._clock() - asked
+                if wait > 0:
+                    # The reply and the recheck each travel half a round trip:
+                    # aim the recheck at mid-window on Redis's clock, so a
+                    # worker far from Redis is not always late (and starved).
+                    wait = max(0.001, wait - rtt + LATE / 2)
+                return Slot(wait, float(reply[1]), remote=True)
             except (redis.RedisError, OSError) as exc:
                 self._fall_back(exc)
-        return self._local_acquire(key, interval)
+        if slot is not None and slot.remote:
+            slot = None  # reserved in Redis before it failed: its time is on Redis's clock
+        return self._local_reserve(key, interval, slot)
 
     def wait(self, url: str, sleep: Callable[[float], None] = time.sleep) -> float:
         """Block until a request to `url` may go; returns the seconds waited."""
         started, waited = self._clock(), 0.0
-        while (delay := self.try_acquire(url)) > 0:
-            sleep(delay)
+        slot = self.reserve(url)
+        while slot.wait > 0:
+            sleep(slot.wait)
             waited = self._clock() - started
+            slot = self.recheck(url, slot)
         self.add_wait(waited)
         return waited
 
@@ -286,10 +345,10 @@ class Budget:
             )
         return self._client
 
-    def _remote_acquire(self) -> Callable[..., object]:
-        if self._acquire is None:
-            self._acquire = self._connect().register_script(_ACQUIRE)
-        return self._acquire
+    def _remote_reserve(self) -> Callable[..., object]:
+        if self._reserve is None:
+            self._reserve = self._connect().register_script(_RESERVE)
+        return self._reserve
 
     def _remote_pause(self) -> Callable[..., object]:
         if self._pause is None:
@@ -319,18 +378,19 @@ class Budget:
 
     # -- in-process fallback (same rules, this crawl only) -----------------------
 
-    def _local_acquire(self, key: str, interval: float) -> float:
+    def _local_reserve(self, key: str, interval: float, slot: Slot | None) -> Slot:
         assert self._local is not None
         with self._lock:
             now = self._clock()
             pause = self._local.pause.get(key, 0.0)
-            if pause > now:
-                return pause - now
-            tat = self._local.tat.get(key, 0.0)
-            if tat > now:
-                return tat - now
-            self._local.tat[key] = now + interval
-            return 0.0
+            if slot is not None and pause <= now:
+                if now < slot.at:
+                    return Slot(slot.at - now, slot.at, remote=False)
+                if now - slot.at <= LATE:
+                    return Slot(0.0, slot.at, remote=False)
+            at = max(now, pause, self._local.tat.get(key, 0.0))
+            self._local.tat[key] = at + interval
+            return Slot(at - now, at, remote=False)
 
     def _local_pause(
         self, key: str, retry_after: float, cap: float, base: float, memory: float

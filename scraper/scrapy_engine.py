@@ -368,8 +368,8 @@ class SourceAddressMiddleware:
 class RateBudgetMiddleware:
     """Holds each download until the shared rate budget lets it go (scraper.ratelimit).
 
-    Asks are serialised per scope, so this crawl waits for one slot at a time
-    and the slots go round-robin between the crawls that share the budget.
+    Asks are serialised per scope, so this crawl holds one reserved slot at a
+    time and the slots go round-robin between the crawls that share the budget.
     Reads robots.txt `Crawl-delay`/`Request-rate` from the robots response
     itself, and turns 429/503 + Retry-After into a pause for every worker.
     """
@@ -393,8 +393,10 @@ class RateBudgetMiddleware:
         await maybe_deferred_to_future(lock.acquire())
         started = time.monotonic()
         try:
-            while (delay := self.budget.try_acquire(request.url)) > 0:
-                await maybe_deferred_to_future(sleep_deferred(delay))
+            slot = self.budget.reserve(request.url)
+            while slot.wait > 0:
+                await maybe_deferred_to_future(sleep_deferred(slot.wait))
+                slot = self.budget.recheck(request.url, slot)
         finally:
             self.budget.add_wait(time.monotonic() - started)
             lock.release()
