@@ -354,6 +354,10 @@ def run_job(
                 error = _death_message(returncode, tail)
         if board is not None and participant:
             board.report(final_stats)
+            if board.cancelled():
+                # The owner closed the run because it was cancelled, and our crawl saw
+                # the close before our own cancel check did: we left a cancelled run.
+                raise CrawlAborted(job.run_id, final_stats.pages, final_stats.items, final_stats)
         elif board is not None:
             board.close()
             final_stats = board.total(final_stats)
