@@ -307,6 +307,11 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+def _keep_first(*key: Any) -> Callable[[Any], Any]:
+    """For _insert_many: a row whose `key` is already stored is skipped (redelivery)."""
+    return lambda ins: ins.on_conflict_do_nothing(index_elements=list(key))
+
+
 def _insert_many(
     session: Session,
     table: Table,
@@ -507,44 +512,29 @@ class _Batches:
             session,
             contents,
             ({"hash": h, "data": self.contents[h]} for h in sorted(self.contents)),
-            lambda ins: ins.on_conflict_do_nothing(index_elements=[contents.c.hash]),
+            _keep_first(contents.c.hash),
         )
         _insert_many(
             session,
             observations,
             self.observations.values(),
-            lambda ins: ins.on_conflict_do_nothing(
-                index_elements=[observations.c.run_id, observations.c.key]
-            ),
+            _keep_first(observations.c.run_id, observations.c.key),
         )
         _insert_many(session, items, (self.items[k] for k in sorted(self.items)), _item_upsert)
         _insert_many(
             session,
             item_samples,
             self.item_samples.values(),
-            lambda ins: ins.on_conflict_do_nothing(
-                index_elements=[item_samples.c.run_id, item_samples.c.sample, item_samples.c.key]
-            ),
+            _keep_first(item_samples.c.run_id, item_samples.c.sample, item_samples.c.key),
         )
         _insert_many(
-            session,
-            fetches,
-            self.fetches.values(),
-            lambda ins: ins.on_conflict_do_nothing(
-                index_elements=[fetches.c.run_id, fetches.c.url]
-            ),
+            session, fetches, self.fetches.values(), _keep_first(fetches.c.run_id, fetches.c.url)
         )
         _insert_many(
             session,
             fetch_samples,
             self.fetch_samples.values(),
-            lambda ins: ins.on_conflict_do_nothing(
-                index_elements=[
-                    fetch_samples.c.run_id,
-                    fetch_samples.c.sample,
-                    fetch_samples.c.url,
-                ]
-            ),
+            _keep_first(fetch_samples.c.run_id, fetch_samples.c.sample, fetch_samples.c.url),
         )
         if self.bodies:  # bytes: not JSON, so an executemany on every backend
             session.execute(

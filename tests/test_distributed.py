@@ -110,6 +110,21 @@ def test_stats_add_up() -> None:
 # -- owner and participant through the runner --------------------------------------
 
 
+def owner_and_participant(job: Job) -> tuple[list[BaseModel], list[BaseModel], RunFinished]:
+    """Run `job` as its owner in a thread and, once the run is open, as a participant
+    here; the owner's and the participant's messages, and the participant's result."""
+    owner_out: list[BaseModel] = []
+    helper_out: list[BaseModel] = []
+    owner = threading.Thread(
+        target=lambda: run_job(job, owner_out.append, worker="eu@a", timeout=120)
+    )
+    owner.start()
+    wait_until(lambda: find_open_run(connect(), "eu"), timeout=60, what="the open run")
+    helper = run_job(job, helper_out.append, worker="eu@b", participant=True)
+    owner.join(timeout=120)
+    return owner_out, helper_out, helper
+
+
 def test_owner_and_participant_fetch_every_page_once(redis_prefix: str) -> None:
     with serve_pages(PageSite(pages=60, delay=0.1)) as site:
         job = Job(
@@ -118,26 +133,17 @@ def test_owner_and_participant_fetch_every_page_once(redis_prefix: str) -> None:
             region="eu",
             config=distributed_config(site.url, 60),
         )
-        owner_out: list[BaseModel] = []
-        helper_out: list[BaseModel] = []
-        helper: list[RunFinished] = []
-        owner = threading.Thread(
-            target=lambda: run_job(job, owner_out.append, worker="eu@a", timeout=120)
-        )
-        owner.start()
-        client = connect()
-        wait_until(lambda: find_open_run(client, "eu"), timeout=60, what="the open run")
-        helper.append(run_job(job, helper_out.append, worker="eu@b", participant=True))
-        owner.join(timeout=120)
+        owner_out, helper_out, helper = owner_and_participant(job)
         hits = collections.Counter(h.path for h in site.page_hits())
     finished = owner_out[-1]
     assert isinstance(finished, RunFinished) and finished.status == "succeeded", finished
     assert hits == {f"/p/{n}.html": 1 for n in range(60)}
-    assert helper[0].stats.pages > 0 and helper[0].stats.pages < 60
+    assert helper.stats.pages > 0 and helper.stats.pages < 60
     assert finished.stats.pages == 60 and finished.stats.items == 60
     keys = {i.key for m in owner_out + helper_out if isinstance(m, ItemBatch) for i in m.items}
     assert keys == {str(n) for n in range(60)}
     assert not any(isinstance(m, RunFinished) for m in helper_out)  # only the owner's counts
+    client = connect()
     assert client.exists(run_key(job.run_id, "closed"))
     assert not client.exists(run_key(job.run_id, "queue"))
 
@@ -148,15 +154,7 @@ def test_max_pages_holds_for_the_run_over_two_workers(redis_prefix: str) -> None
         config["limits"]["max_pages"] = 20
         config["politeness"]["concurrency"] = 4
         job = Job(run_id=str(uuid.uuid4()), site="pages", region="eu", config=config)
-        owner_out: list[BaseModel] = []
-        owner = threading.Thread(
-            target=lambda: run_job(job, owner_out.append, worker="eu@a", timeout=120)
-        )
-        owner.start()
-        client = connect()
-        wait_until(lambda: find_open_run(client, "eu"), timeout=60, what="the open run")
-        helper = run_job(job, lambda _m: None, worker="eu@b", participant=True)
-        owner.join(timeout=120)
+        owner_out, _, helper = owner_and_participant(job)
     finished = owner_out[-1]
     assert isinstance(finished, RunFinished), finished
     assert finished.stats.pages == 20, (finished.stats, helper.stats)
