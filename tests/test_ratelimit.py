@@ -251,6 +251,19 @@ def pages() -> Iterator[PageSite]:
         yield site
 
 
+def test_repeated_429_backs_off_exponentially(redis_prefix: str) -> None:
+    b = budget(redis_prefix, rate="100/s", max_retry_after="3s")
+    url = "http://www.example.com/"
+    assert b.observe(url, 429, None) == 1.0
+    assert b.observe(url, 429, None) == 0.0  # a 429 during the pause is no new strike
+    b._connect().delete(f"{redis_prefix}rate-pause:example.com")  # as if the pause ended
+    assert b.observe(url, 429, "0") == 2.0
+    b._connect().delete(f"{redis_prefix}rate-pause:example.com")
+    assert b.observe(url, 429, None) == 3.0  # 4 s capped by max_retry_after
+    assert b.observe("http://other.org/", 503, None) == 0.0  # a plain 503 pauses nothing
+    assert b.strikes == 3 and b.pauses == 3
+
+
 def test_four_crawls_share_one_rate(pages: PageSite, redis_prefix: str) -> None:
     finished = crawl_in_threads([site_config(pages.url, rate="10/s") for _ in range(4)])
     assert [f.status for f in finished] == ["succeeded"] * 4, [f.error for f in finished]
