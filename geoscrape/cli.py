@@ -278,9 +278,14 @@ def crawl(
             highlight=False,
         )
     if wait:
-        from geoscrape.progress import unserved_regions, wait_for_runs
+        from geoscrape.progress import UNSERVED_GRACE_SECONDS, unserved_regions, wait_for_runs
 
-        idle = unserved_regions([(j.run_id, j.region) for j in jobs], database_url())
+        # A job unstarted at `ttl` has expired: no worker can take it after that.
+        idle = unserved_regions(
+            [(j.run_id, j.region) for j in jobs],
+            database_url(),
+            grace=min(UNSERVED_GRACE_SECONDS, ttl),
+        )
         if idle and not keep_waiting:
             raise BadInput(
                 f"no worker is consuming {', '.join(idle)}: start 'geoscrape worker --region "

@@ -43,7 +43,9 @@ def _run(
 class RabbitNode:
     """A RabbitMQ node of our own: `start()`, `stop()`, `restart()`, `url`."""
 
-    def __init__(self, consumer_timeout_ms: int | None = None) -> None:
+    def __init__(
+        self, consumer_timeout_ms: int | None = None, timeout_check_ms: int | None = None
+    ) -> None:
         self.id = uuid.uuid4().hex[:8]
         self.name = f"gsfault-{self.id}@localhost"
         self.port = free_port()
@@ -53,6 +55,11 @@ class RabbitNode:
         if consumer_timeout_ms is not None:
             conf.append(f"consumer_timeout = {consumer_timeout_ms}")
         (self.dir / "rabbitmq.conf").write_text("\n".join(conf) + "\n")
+        # How often each channel checks its deliveries against consumer_timeout
+        # (rabbit's channel_tick_interval, 60 s by default; RabbitMQ's own tests
+        # shorten it the same way).
+        tick = "" if timeout_check_ms is None else f"{{channel_tick_interval, {timeout_check_ms}}}"
+        (self.dir / "advanced.config").write_text(f"[{{rabbit, [{tick}]}}].\n")
         (self.dir / "enabled_plugins").write_text("[].\n")
         shutil.chown(self.dir, "rabbitmq", "rabbitmq")
         for path in self.dir.iterdir():
@@ -70,6 +77,7 @@ class RabbitNode:
             f"RABBITMQ_LOG_BASE={self.dir}/log",
             f"RABBITMQ_CONFIG_FILE={self.dir}/rabbitmq.conf",
             f"RABBITMQ_ENABLED_PLUGINS_FILE={self.dir}/enabled_plugins",
+            f"RABBITMQ_ADVANCED_CONFIG_FILE={self.dir}/advanced.config",
             f"RABBITMQ_PID_FILE={self.dir}/pid",
         ]
 

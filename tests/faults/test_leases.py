@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +37,11 @@ pytestmark = pytest.mark.slow
 LEASE = 3  # seconds, GEOSCRAPE_RUN_LEASE for these tests
 MAX_ATTEMPTS = 3
 CONSUMER_TIMEOUT_MS = 5000
-# RabbitMQ 3.10 checks consumer_timeout once a minute per channel: a delivery held
-# unacked longer than this is certain to have been caught (measured: 60.0 s).
-TIMEOUT_CHECK = 60.0
+# RabbitMQ checks consumer_timeout once a minute per channel by default; the strict
+# node checks every second, so a delivery held unacked longer than
+# CONSUMER_TIMEOUT_MS + TIMEOUT_CHECK is certain to have been caught
+# (test_the_strict_node_closes_a_channel_that_holds_a_delivery_too_long shows it is).
+TIMEOUT_CHECK = 1.0
 
 POISON_CONFIG = """\
 regions:
@@ -156,8 +159,10 @@ def test_a_poison_job_is_dead_after_exactly_max_attempts_then_requeued(
 
 @pytest.fixture(scope="module")
 def strict_rabbit() -> Iterator[RabbitNode]:
-    """A private RabbitMQ node whose consumer_timeout is 5 s."""
-    node = RabbitNode(consumer_timeout_ms=CONSUMER_TIMEOUT_MS)
+    """A private RabbitMQ node whose consumer_timeout is 5 s, checked every second."""
+    node = RabbitNode(
+        consumer_timeout_ms=CONSUMER_TIMEOUT_MS, timeout_check_ms=int(TIMEOUT_CHECK * 1000)
+    )
     try:
         node.start()
     except ServiceError as exc:
@@ -169,6 +174,35 @@ def strict_rabbit() -> Iterator[RabbitNode]:
         node.destroy()
 
 
+def test_the_strict_node_closes_a_channel_that_holds_a_delivery_too_long(
+    strict_rabbit: RabbitNode,
+) -> None:
+    """The control: on this node a job held unacked as long as the crawl below is lost."""
+    from amqp.exceptions import PreconditionFailed
+    from kombu import Connection, Queue
+
+    queue = Queue(f"held-{uuid.uuid4().hex[:8]}", auto_delete=True)
+    held: list[object] = []
+    closed: list[str] = []
+    with Connection(strict_rabbit.url) as conn:
+        with conn.Producer() as producer:
+            producer.publish({"job": 1}, routing_key=queue.name, declare=[queue])
+        since = time.monotonic()
+        with conn.Consumer([queue], callbacks=[lambda _body, message: held.append(message)]):
+            while not closed and time.monotonic() - since < 60:
+                try:
+                    conn.drain_events(timeout=0.5)
+                except TimeoutError:
+                    continue
+                except PreconditionFailed as exc:  # the broker closed the channel
+                    closed.append(str(exc))
+        closed_after = time.monotonic() - since
+    assert held, "the message was never delivered"
+    assert closed and "timed out" in closed[0], "the channel was never closed"
+    print(f"\nchannel closed {closed_after:.1f}s after a delivery was held unacked")
+    assert closed_after < CONSUMER_TIMEOUT_MS / 1000 + 3 * TIMEOUT_CHECK + 2
+
+
 def test_a_crawl_longer_than_consumer_timeout_runs_once(
     tmp_path: Path,
     strict_rabbit: RabbitNode,
@@ -177,14 +211,16 @@ def test_a_crawl_longer_than_consumer_timeout_runs_once(
     ledger: Ledger,
     lease_env: None,
 ) -> None:
-    # One request at a time, half a second apart: ~170 pages take well over a minute.
-    config = shop_config(shop).replace("delay: 0.05, concurrency: 2", "delay: 0.5, concurrency: 1")
+    # One request at a time, 0.1 s apart: ~170 pages take well over consumer_timeout.
+    config = shop_config(shop).replace("delay: 0.05, concurrency: 2", "delay: 0.1, concurrency: 1")
     with stack(tmp_path, strict_rabbit.url, pg.create_db(), config) as s:
         assert s.cli("db", "upgrade").returncode == 0
         expected = expected_keys(shop)
         s.ingest()
         s.worker("eu")
         shop.clear_log()
+        # The node's log also holds the control test's timeout: count only new ones.
+        timeouts_before = strict_rabbit.log_tail(lines=10_000).count("timed out")
         run_id = dispatch(s)
         wait_complete(s, run_id, expected, timeout=400)
 
@@ -193,18 +229,18 @@ def test_a_crawl_longer_than_consumer_timeout_runs_once(
         assert run.started_at is not None and run.finished_at is not None
         duration = (run.finished_at - run.started_at).total_seconds()
         # Long enough that RabbitMQ would have closed the channel of an unacked job.
-        assert duration > TIMEOUT_CHECK + CONSUMER_TIMEOUT_MS / 1000, duration
+        assert duration > 2 * (TIMEOUT_CHECK + CONSUMER_TIMEOUT_MS / 1000), duration
         assert run.attempts == 1
         # Started once, on one channel that was never closed.
         assert s.log("worker-eu").count(f"run {run_id}: crawling site") == 1
-        assert "timed out" not in strict_rabbit.log_tail(lines=10_000)
+        assert strict_rabbit.log_tail(lines=10_000).count("timed out") == timeouts_before
         assert "Connection to broker lost" not in s.log("worker-eu")
         # Each URL fetched exactly once, by the one crawl.
         fetched = Counter(path for _client, path in shop.access_log)
         assert fetched and max(fetched.values()) == 1, fetched.most_common(3)
         lost, duplicated = count(s, run_id, expected)
         ledger.trial(
-            f"a crawl (> {TIMEOUT_CHECK + CONSUMER_TIMEOUT_MS / 1000:.0f} s) longer than "
+            f"a crawl (> {2 * (TIMEOUT_CHECK + CONSUMER_TIMEOUT_MS / 1000):.0f} s) longer than "
             f"consumer_timeout ({CONSUMER_TIMEOUT_MS // 1000} s)",
             expected=len(expected),
             lost=lost,
