@@ -434,3 +434,83 @@ def test_ingest_reconnects_after_broker_connection_loss(
     finally:
         store.engine.dispose()
     assert ingest_queue_depth(broker) == 0
+
+
+def queue_counts(broker_url: str) -> tuple[int, int]:
+    """(ready, unacknowledged) messages of the ingest queue, as the broker counts them."""
+    import subprocess
+
+    vhost = broker_url.rsplit("/", 1)[1]
+    columns = ["name", "messages_ready", "messages_unacknowledged"]
+    done = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "-p", vhost, *columns],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    for line in done.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == INGEST_QUEUE.name:
+            return int(parts[1]), int(parts[2])
+    return 0, 0
+
+
+def test_writer_thread_acks_only_after_commit_and_a_stop_leaves_the_rest_unacked(
+    broker: str, pg_db: tuple[str, str]
+) -> None:
+    url, name = pg_db
+    ensure_schema(url)
+    # Every insert into observations waits for an advisory lock the test holds: the
+    # writer thread's transaction stays open, uncommitted, for as long as we like.
+    with psycopg.connect(f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}", autocommit=True) as gate:
+        gate.execute(
+            "CREATE FUNCTION gate() RETURNS trigger AS $$ BEGIN "
+            "PERFORM pg_advisory_xact_lock_shared(4242); RETURN NULL; END $$ LANGUAGE plpgsql"
+        )
+        gate.execute(
+            "CREATE TRIGGER gate BEFORE INSERT ON observations "
+            "FOR EACH STATEMENT EXECUTE FUNCTION gate()"
+        )
+        gate.execute("SELECT pg_advisory_lock(4242)")
+
+        def writer_waits() -> bool:
+            with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+                row = admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                    "AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                    (name,),
+                ).fetchone()
+                return row is not None and row[0] == 1
+
+        queued, started, batch0, _, _ = run_messages("a1")
+        # A full group (GROUP_SIZE messages) of another run, behind the blocked one.
+        later = [
+            dump(
+                ItemBatch(
+                    run_id="b1", site="shop", region="eu", seq=n, observed_at=at(5),
+                    items=[ScrapedItem(key=f"k{n}", url="https://shop.example/k", data={"n": n})],
+                )
+            )
+            for n in range(100)
+        ]  # fmt: skip
+        store = Store(url)
+        ingest = IngestThread(broker, url)
+        try:
+            with ingest:
+                publish(broker, queued, started, batch0)
+                wait_for("the writer to wait inside its transaction", writer_waits)
+                # Received, not committed: all three held unacked.
+                assert queue_counts(broker) == (0, 3)
+                publish(broker, *later)
+                wait_for("ingest to receive the rest", lambda: queue_counts(broker) == (0, 103))
+                ingest.stop.set()
+                gate.execute("SELECT pg_advisory_unlock(4242)")
+            # The first group committed (and was acked); the one handed to the writer
+            # behind it was not written, and is back on the queue.
+            assert [o[1] for o in store.observations()] == ["a", "b"]
+            run = store.run("a1")
+            assert run is not None and run.status == "running"
+            wait_for("the rest to be back on the queue", lambda: queue_counts(broker) == (100, 0))
+        finally:
+            store.engine.dispose()
