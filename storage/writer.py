@@ -330,8 +330,17 @@ class _Rows:
         self.names = list(params[0]) if params else []
         self.chunks: list[Any] = params
         if dialect == "postgresql":
+            # A group's rows share few timestamps: format each once.
+            formatted: dict[datetime, str] = {}
+
+            def default(value: Any) -> Any:
+                text = formatted.get(value)
+                if text is None:
+                    text = formatted[value] = _json_default(value)
+                return text
+
             self.chunks = [
-                {"rows": json.dumps(params[start : start + BULK_ROWS], default=_json_default)}
+                {"rows": json.dumps(params[start : start + BULK_ROWS], default=default)}
                 for start in range(0, len(params), BULK_ROWS)
             ]
 
