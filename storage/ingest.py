@@ -28,6 +28,13 @@ the next group is parsed and built while one commits. At most two groups are
 with the writer (one committing, one ready), and the prefetch is two groups,
 so the broker delivers the next group as soon as one is acked. A partial group
 goes to the writer only when it is idle, so under load groups fill up.
+
+On PostgreSQL a group's ``items`` rows are written in a transaction of their
+own, on a second connection, while the rest of the group commits (the server
+works on both at once). Nothing reads or references them during ingest, and
+their upsert gives the same rows in any order and any number of times, so the
+group is acked once both have committed, and a retry redoes only the part that
+did not commit.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -61,7 +69,15 @@ from storage.deadletter import (
 from storage.migrate import ensure_schema
 from storage.reaper import PublishJob, Reaper, lease_settings
 from storage.writer import IngestMessage as StoredMessage
-from storage.writer import Prepared, apply_prepared, prepare, record_bad_message, release_run
+from storage.writer import (
+    Prepared,
+    apply_items,
+    apply_prepared,
+    has_items,
+    prepare,
+    record_bad_message,
+    release_run,
+)
 
 log = logging.getLogger("geoscrape.ingest")
 
@@ -130,6 +146,9 @@ class _Group:
 
     deliveries: list[_Delivery]
     steps: list[_Step] | None = None  # None: build them when writing
+    # Committed so far: everything but the items rows / the items rows (PostgreSQL).
+    main_done: bool = False
+    items_done: bool = False
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -192,6 +211,7 @@ class Ingest(ConsumerMixin):
         self._backing_off = False  # the writer waits out a database error
         self._stopping = threading.Event()  # wakes the writer from a backoff
         self._writer_error: BaseException | None = None
+        self._items = ThreadPoolExecutor(1, thread_name_prefix="ingest-items")
 
     # -- stopping ------------------------------------------------------------
 
@@ -282,6 +302,7 @@ class Ingest(ConsumerMixin):
             self.stop()  # also when an error ends the run: the writer gives up its retries
             self._todo.put(None)
             writer.join()
+            self._items.shutdown()
         log.info("ingest stopped")
 
     def consume(
@@ -423,16 +444,43 @@ class Ingest(ConsumerMixin):
     def _write(self, group: _Group) -> None:
         if group.steps is None:
             group.steps = self._steps(group.deliveries)
+        prepared = [step for step in group.steps if not isinstance(step, _Delivery)]
+        apart = self._dialect == "postgresql" and any(has_items(p) for p in prepared)
+        side = None
+        if apart and not group.items_done:
+            side = self._items.submit(self._write_items, prepared)
+        error: Exception | None = None
+        try:
+            if not group.main_done:
+                self._write_main(group.steps, items=not apart)
+                group.main_done = True
+        except Exception as exc:
+            error = exc
+        if side is not None:
+            try:
+                side.result()
+                group.items_done = True
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def _write_main(self, steps: list[_Step], items: bool) -> None:
         with self.sessions.begin() as session:
-            for step in group.steps:
+            for step in steps:
                 if not isinstance(step, _Delivery):
-                    apply_prepared(session, step)
+                    apply_prepared(session, step, items)
                 elif step.parsed is not None and step.dead is not None:
                     apply_dead_letter(session, step.dead)
                 elif isinstance(step.parsed, RunReleased):
                     self._release(session, step.parsed)
                 else:
                     record_bad_message(session, step.body_text, step.error or "", step.received_at)
+
+    def _write_items(self, prepared: list[Prepared]) -> None:
+        with self.sessions.begin() as session:
+            for p in prepared:
+                apply_items(session, p)
 
     def _release(self, session: Session, msg: RunReleased) -> None:
         """Requeue a run its worker handed back; published inside the transaction,
@@ -467,7 +515,7 @@ class Ingest(ConsumerMixin):
                 elif len(group.deliveries) > 1:
                     # Find the culprit: each message on its own.
                     for d in group.deliveries:
-                        self._commit(_Group([d]))
+                        self._commit(_Group([d], main_done=group.main_done))
                     return
                 else:
                     attempts += 1
@@ -480,7 +528,7 @@ class Ingest(ConsumerMixin):
                         )
                         d.parsed = None
                         d.error = f"rejected by the database: {_one_line(exc)}"
-                        group.steps = None
+                        group.steps, group.main_done = None, False
                         continue  # store it in bad_messages right away
                     else:
                         log.warning(

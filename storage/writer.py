@@ -554,14 +554,15 @@ class _SealedBatches:
     fetch_samples: _Rows
     bodies: list[dict[str, Any]]
 
-    def write(self, session: Session) -> None:
+    def write(self, session: Session, items: bool = True) -> None:
         for run_id, msg in self.runs.items():
             _ensure_run(session, msg, "running")
             _raise_status(session, run_id, "running")
             _renew_lease(session, run_id, self.leases[run_id])
         self.contents.insert(session, _keep_first(contents.c.hash))
         self.observations.insert(session, _keep_first(observations.c.run_id, observations.c.key))
-        self.items.insert(session, _item_upsert)
+        if items:
+            self.items.insert(session, _item_upsert)
         self.item_samples.insert(
             session, _keep_first(item_samples.c.run_id, item_samples.c.sample, item_samples.c.key)
         )
@@ -663,13 +664,29 @@ def prepare(msgs: Iterable[IngestMessage], dialect: str) -> Prepared:
     return out
 
 
-def apply_prepared(session: Session, prepared: Prepared) -> None:
-    """Write what prepare() built, in order; the caller commits."""
+def apply_prepared(session: Session, prepared: Prepared, items: bool = True) -> None:
+    """Write what prepare() built, in order; the caller commits.
+
+    items=False leaves out the item batches' ``items`` rows, for apply_items to
+    write in another transaction: nothing else reads or references them, and
+    their upsert gives the same rows in any order and any number of times.
+    """
     for step in prepared:
         if isinstance(step, _SealedBatches):
-            step.write(session)
+            step.write(session, items)
         else:
             _apply_one(session, step)
+
+
+def has_items(prepared: Prepared) -> bool:
+    return any(isinstance(step, _SealedBatches) and step.items.chunks for step in prepared)
+
+
+def apply_items(session: Session, prepared: Prepared) -> None:
+    """The ``items`` rows that apply_prepared(items=False) left out; the caller commits."""
+    for step in prepared:
+        if isinstance(step, _SealedBatches):
+            step.items.insert(session, _item_upsert)
 
 
 def _apply_one(session: Session, msg: IngestMessage) -> None:

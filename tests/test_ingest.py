@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -456,25 +457,25 @@ def queue_counts(broker_url: str) -> tuple[int, int]:
     return 0, 0
 
 
-def test_writer_thread_acks_only_after_commit_and_a_stop_leaves_the_rest_unacked(
-    broker: str, pg_db: tuple[str, str]
-) -> None:
-    url, name = pg_db
-    ensure_schema(url)
-    # Every insert into observations waits for an advisory lock the test holds: the
-    # writer thread's transaction stays open, uncommitted, for as long as we like.
+@contextlib.contextmanager
+def gated(name: str, table: str) -> Iterator[tuple[psycopg.Connection[Any], Callable[[], bool]]]:
+    """Make every insert into `table` of database `name` wait while the gate is closed.
+
+    Yields the gate's connection (``SELECT pg_advisory_unlock(4242)`` opens it)
+    and a predicate: an insert is waiting at the gate.
+    """
     with psycopg.connect(f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}", autocommit=True) as gate:
         gate.execute(
-            "CREATE FUNCTION gate() RETURNS trigger AS $$ BEGIN "
+            "CREATE OR REPLACE FUNCTION gate() RETURNS trigger AS $$ BEGIN "
             "PERFORM pg_advisory_xact_lock_shared(4242); RETURN NULL; END $$ LANGUAGE plpgsql"
         )
         gate.execute(
-            "CREATE TRIGGER gate BEFORE INSERT ON observations "
+            f"CREATE TRIGGER gate BEFORE INSERT ON {table} "
             "FOR EACH STATEMENT EXECUTE FUNCTION gate()"
         )
         gate.execute("SELECT pg_advisory_lock(4242)")
 
-        def writer_waits() -> bool:
+        def waiting() -> bool:
             with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
                 row = admin.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
@@ -483,6 +484,16 @@ def test_writer_thread_acks_only_after_commit_and_a_stop_leaves_the_rest_unacked
                 ).fetchone()
                 return row is not None and row[0] == 1
 
+        yield gate, waiting
+
+
+def test_writer_thread_acks_only_after_commit_and_a_stop_leaves_the_rest_unacked(
+    broker: str, pg_db: tuple[str, str]
+) -> None:
+    url, name = pg_db
+    ensure_schema(url)
+    # The writer thread's transaction stays open, uncommitted, for as long as we like.
+    with gated(name, "observations") as (gate, writer_waits):
         queued, started, batch0, _, _ = run_messages("a1")
         # A full group (GROUP_SIZE messages) of another run, behind the blocked one.
         later = [
@@ -514,3 +525,30 @@ def test_writer_thread_acks_only_after_commit_and_a_stop_leaves_the_rest_unacked
             wait_for("the rest to be back on the queue", lambda: queue_counts(broker) == (100, 0))
         finally:
             store.engine.dispose()
+
+
+def test_items_commit_on_their_own_connection_and_the_group_is_acked_after_both(
+    broker: str, pg_db: tuple[str, str]
+) -> None:
+    url, name = pg_db
+    ensure_schema(url)
+    queued, started, batch0, _, _ = run_messages("i1")
+    store = Store(url)
+    try:
+        with gated(name, "items") as (gate, items_wait), IngestThread(broker, url):
+            publish(broker, queued, started, batch0)
+            wait_for("the items insert to wait", items_wait)
+            # The rest of the group committed meanwhile; the group stays unacked.
+            wait_for("the observations", lambda: len(store.observations()) == 2)
+            assert store.items("shop") == []
+            assert queue_counts(broker) == (0, 3)
+            gate.execute("SELECT pg_advisory_unlock(4242)")
+            wait_for("the items", lambda: len(store.items("shop")) == 2)
+            wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
+        assert [(o[1], o[2]) for o in store.observations()] == [
+            ("a", {"price": 10}),
+            ("b", {"price": 20}),
+        ]
+        assert store.bad() == []
+    finally:
+        store.engine.dispose()
