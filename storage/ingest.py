@@ -31,10 +31,11 @@ goes to the writer only when it is idle, so under load groups fill up.
 
 On PostgreSQL a group's ``items`` rows are written in a transaction of their
 own, on a second connection, while the rest of the group commits (the server
-works on both at once). Nothing reads or references them during ingest, and
-their upsert gives the same rows in any order and any number of times, so the
-group is acked once both have committed, and a retry redoes only the part that
-did not commit.
+works on both at once). No other write of ingest reads or references them,
+and their upsert gives the same rows in any order and any number of times, so
+the group is acked once both have committed, and a retry redoes only the part
+that did not commit. (A reader may see a group's observations a moment before
+its items.)
 """
 
 from __future__ import annotations
