@@ -30,12 +30,12 @@ so the broker delivers the next group as soon as one is acked. A partial group
 goes to the writer only when it is idle, so under load groups fill up.
 
 On PostgreSQL a group's ``items`` rows are written in a transaction of their
-own, on a second connection, while the rest of the group commits (the server
-works on both at once). No other write of ingest reads or references them,
-and their upsert gives the same rows in any order and any number of times, so
-the group is acked once both have committed, and a retry redoes only the part
-that did not commit. (A reader may see a group's observations a moment before
-its items.)
+own, on a second connection, while the rest of the group is written (the
+server works on both at once); they commit first, so a run the group marks
+finished never shows without its items. No other write of ingest reads or
+references them, and their upsert gives the same rows in any order and any
+number of times, so the group is acked once both have committed, and a retry
+redoes only the part that did not commit.
 """
 
 from __future__ import annotations
@@ -450,23 +450,31 @@ class Ingest(ConsumerMixin):
         side = None
         if apart and not group.items_done:
             side = self._items.submit(self._write_items, prepared)
+
+        def items_committed() -> None:
+            if side is not None and not group.items_done:
+                side.result()
+                group.items_done = True
+
         error: Exception | None = None
         try:
             if not group.main_done:
-                self._write_main(group.steps, items=not apart)
+                # The items commit first: a run this transaction marks finished is
+                # never visible before its items are.
+                self._write_main(group.steps, items=not apart, before_commit=items_committed)
                 group.main_done = True
         except Exception as exc:
             error = exc
-        if side is not None:
-            try:
-                side.result()
-                group.items_done = True
-            except Exception as exc:
-                error = error or exc
+        try:
+            items_committed()  # also when the main part failed: never two at once
+        except Exception as exc:
+            error = error or exc
         if error is not None:
             raise error
 
-    def _write_main(self, steps: list[_Step], items: bool) -> None:
+    def _write_main(
+        self, steps: list[_Step], items: bool, before_commit: Callable[[], None]
+    ) -> None:
         with self.sessions.begin() as session:
             for step in steps:
                 if not isinstance(step, _Delivery):
@@ -477,6 +485,7 @@ class Ingest(ConsumerMixin):
                     self._release(session, step.parsed)
                 else:
                     record_bad_message(session, step.body_text, step.error or "", step.received_at)
+            before_commit()
 
     def _write_items(self, prepared: list[Prepared]) -> None:
         with self.sessions.begin() as session:

@@ -527,23 +527,35 @@ def test_writer_thread_acks_only_after_commit_and_a_stop_leaves_the_rest_unacked
             store.engine.dispose()
 
 
-def test_items_commit_on_their_own_connection_and_the_group_is_acked_after_both(
+def test_items_commit_on_their_own_connection_first_and_the_group_is_acked_after_both(
     broker: str, pg_db: tuple[str, str]
 ) -> None:
     url, name = pg_db
     ensure_schema(url)
     queued, started, batch0, _, _ = run_messages("i1")
     store = Store(url)
+
+    def rest_waits_for_items() -> bool:
+        # The rest of the group is written and its transaction waits, uncommitted.
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                "AND state = 'idle in transaction'",
+                (name,),
+            ).fetchone()
+            return row is not None and row[0] == 1
+
     try:
         with gated(name, "items") as (gate, items_wait), IngestThread(broker, url):
             publish(broker, queued, started, batch0)
             wait_for("the items insert to wait", items_wait)
-            # The rest of the group committed meanwhile; the group stays unacked.
-            wait_for("the observations", lambda: len(store.observations()) == 2)
-            assert store.items("shop") == []
+            wait_for("the rest of the group to wait for the items", rest_waits_for_items)
+            # Nothing of the group shows before its items do, and nothing is acked.
+            assert store.observations() == [] and store.run("i1") is None
             assert queue_counts(broker) == (0, 3)
             gate.execute("SELECT pg_advisory_unlock(4242)")
             wait_for("the items", lambda: len(store.items("shop")) == 2)
+            wait_for("the observations", lambda: len(store.observations()) == 2)
             wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
         assert [(o[1], o[2]) for o in store.observations()] == [
             ("a", {"price": 10}),
