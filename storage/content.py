@@ -15,9 +15,13 @@ from typing import Any
 HASH_CHARS = 32  # 128-bit BLAKE2b, hex
 
 
+# json.dumps with these arguments builds an encoder per call: a third of the hash's time.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(data: Any) -> str:
     """The one serialisation hashed: sorted keys, no whitespace, UTF-8 text."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(data)
 
 
 def content_hash(data: Any) -> str:

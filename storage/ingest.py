@@ -16,19 +16,37 @@ redelivery into a no-op. Nothing is dropped:
 Messages already waiting in the prefetch buffer are grouped into one
 transaction (up to ``group_size``), which is what makes SQLite keep up with
 many small messages; the writer merges a group's item batches into one
-statement per table (storage.writer.apply_messages). The prefetch is twice
-the group, so the broker delivers the next group while one is written. If a
-group fails for a message-specific reason its messages are retried one by
-one, so one poison message never takes the others with it.
+statement per table (storage.writer.apply_messages). If a group fails for a
+message-specific reason its messages are retried one by one, so one poison
+message never takes the others with it.
+
+Two threads share the work: the consumer (kombu's loop) receives and parses
+messages and builds a group's rows (storage.writer.prepare); a writer thread
+commits the groups, one at a time and in order, and hands each committed
+group back. The consumer acks it (a kombu channel belongs to one thread), so
+the next group is parsed and built while one commits. At most two groups are
+with the writer (one committing, one ready), and the prefetch is two groups,
+so the broker delivers the next group as soon as one is acked. A partial group
+goes to the writer only when it is idle, so under load groups fill up.
+
+On PostgreSQL a group's ``items`` rows are written in a transaction of their
+own, on a second connection, while the rest of the group is written (the
+server works on both at once); they commit first, so a run the group marks
+finished never shows without its items. No other write of ingest reads or
+references them, and their upsert gives the same rows in any order and any
+number of times, so the group is acked once both have committed, and a retry
+redoes only the part that did not commit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -52,7 +70,15 @@ from storage.deadletter import (
 from storage.migrate import ensure_schema
 from storage.reaper import PublishJob, Reaper, lease_settings
 from storage.writer import IngestMessage as StoredMessage
-from storage.writer import apply_messages, record_bad_message, release_run
+from storage.writer import (
+    Prepared,
+    apply_items,
+    apply_prepared,
+    has_items,
+    prepare,
+    record_bad_message,
+    release_run,
+)
 
 log = logging.getLogger("geoscrape.ingest")
 
@@ -64,6 +90,13 @@ GROUP_SIZE = 100
 GROUP_WAIT = 0.002
 # Attempts before a message the database keeps rejecting goes to bad_messages.
 POISON_ATTEMPTS = 5
+# Groups handed to the writer thread and not yet back: one committing, one ready.
+WRITER_DEPTH = 2
+# How often the consumer looks for committed groups to ack while the writer is
+# busy (it cannot be woken from the broker's socket); slower while the writer
+# waits out a database outage.
+ACK_POLL = 0.002
+OUTAGE_POLL = 0.25
 
 
 class _StopRequested(Exception):
@@ -85,6 +118,14 @@ class _Delivery:
             return bytes(body).decode("utf-8", "backslashreplace")
         return str(body)
 
+    @property
+    def stored(self) -> StoredMessage | None:
+        """The message for storage.writer; None: a dead letter, release or bad message."""
+        msg = self.parsed
+        if msg is None or self.dead is not None or isinstance(msg, RunReleased):
+            return None
+        return msg
+
     def describe(self) -> str:
         if self.parsed is not None:
             p = self.parsed
@@ -92,6 +133,23 @@ class _Delivery:
                 return f"{p.kind} worker={p.name}"
             return f"{p.kind} run={p.run_id}" + (f" seq={p.seq}" if p.kind == "items" else "")
         return f"delivery {self.message.delivery_tag}"
+
+
+# A group's writes in order: the prepared rows of consecutive ingest messages
+# (storage.writer.prepare), or a delivery applied on its own (dead letter,
+# run release, bad message).
+_Step = Prepared | _Delivery
+
+
+@dataclass
+class _Group:
+    """Deliveries committed in one transaction."""
+
+    deliveries: list[_Delivery]
+    steps: list[_Step] | None = None  # None: build them when writing
+    # Committed so far: everything but the items rows / the items rows (PostgreSQL).
+    main_done: bool = False
+    items_done: bool = False
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -144,6 +202,17 @@ class Ingest(ConsumerMixin):
         self.retry_max = retry_max
         self._pending: list[_Delivery] = []
         self._conn: Connection | None = None
+        self._channel: Any = None
+        self._dialect = sessions.kw["bind"].dialect.name
+        # The writer thread: groups in, lists of committed deliveries out (to ack),
+        # then None once a group is done with.
+        self._todo: queue.SimpleQueue[_Group | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[list[_Delivery] | None] = queue.SimpleQueue()
+        self._in_flight = 0  # groups handed to the writer and not done with
+        self._backing_off = False  # the writer waits out a database error
+        self._stopping = threading.Event()  # wakes the writer from a backoff
+        self._writer_error: BaseException | None = None
+        self._items = ThreadPoolExecutor(1, thread_name_prefix="ingest-items")
 
     # -- stopping ------------------------------------------------------------
 
@@ -159,6 +228,7 @@ class Ingest(ConsumerMixin):
 
     def stop(self) -> None:
         self._stop_flag = True
+        self._stopping.set()
 
     # -- kombu hooks ---------------------------------------------------------
 
@@ -200,6 +270,14 @@ class Ingest(ConsumerMixin):
 
     def _on_message(self, message: Message) -> None:
         delivery = _Delivery(message)
+        if message.content_type == "application/json" and message.content_encoding == "utf-8":
+            # As published: validated straight from the body's bytes, without
+            # kombu's decode to a dict first. Anything it rejects takes the long
+            # way, for the error that names the cause.
+            with contextlib.suppress(MessageError):
+                delivery.parsed = parse_ingest(message.body)
+                self._pending.append(delivery)
+                return
         try:
             body = message.decode()
         except Exception as exc:  # ContentDisallowed, DecodeError
@@ -216,8 +294,16 @@ class Ingest(ConsumerMixin):
     # -- the loop ------------------------------------------------------------
 
     def run(self, _tokens: int = 1, **kwargs: Any) -> None:
-        with contextlib.suppress(_StopRequested):
-            super().run(_tokens, **kwargs)
+        writer = threading.Thread(target=self._writer, name="ingest-writer", daemon=True)
+        writer.start()
+        try:
+            with contextlib.suppress(_StopRequested):
+                super().run(_tokens, **kwargs)
+        finally:
+            self.stop()  # also when an error ends the run: the writer gives up its retries
+            self._todo.put(None)
+            writer.join()
+            self._items.shutdown()
         log.info("ingest stopped")
 
     def consume(
@@ -227,10 +313,11 @@ class Ingest(ConsumerMixin):
         safety_interval: float = 1,
         **kwargs: Any,
     ) -> Iterator[None]:
-        # ConsumerMixin.consume, plus grouping: commit when the group is full
-        # or when no further message arrives within GROUP_WAIT.
+        # ConsumerMixin.consume, plus grouping: a group goes to the writer when it
+        # is full, or when no further message arrives within GROUP_WAIT and the
+        # writer is idle; and the acks of what the writer committed.
         with self.consumer_context(**kwargs) as (conn, channel, _consumers):
-            self._conn = conn
+            self._conn, self._channel = conn, channel
             # Deliveries of a previous connection can no longer be acked: drop them
             # (the broker redelivers them). Keep those of this channel: they may arrive
             # while the consumers start (a basic.consume waits for its ConsumeOk and
@@ -238,29 +325,66 @@ class Ingest(ConsumerMixin):
             # as long as this connection lives.
             self._pending = [d for d in self._pending if d.message.channel is channel]
             self._listening_since = time.monotonic()
-            while not self.should_stop:
-                conn.heartbeat_check()
-                self._maybe_reap()
-                try:
-                    conn.drain_events(timeout=GROUP_WAIT if self._pending else safety_interval)
-                except TimeoutError:
-                    if self._pending:
+            try:
+                while not self.should_stop:
+                    self._ack_committed()
+                    if len(self._pending) >= self.group_size:
+                        self._flush()  # a commit may have made room
+                    conn.heartbeat_check()
+                    self._maybe_reap()
+                    if self._backing_off:
+                        wait = OUTAGE_POLL
+                    elif self._pending or self._in_flight:
+                        wait = GROUP_WAIT if self._pending else ACK_POLL
+                    else:
+                        wait = safety_interval
+                    try:
+                        conn.drain_events(timeout=wait)
+                    except TimeoutError:
+                        if self._pending and not self._in_flight:
+                            self._flush()  # a partial group: nothing else arrived
+                        continue
+                    except OSError:
+                        if not self.should_stop:
+                            raise
+                        break
+                    if len(self._pending) >= self.group_size:
                         self._flush()
+                    yield
+            finally:
+                # Stopping (or the connection is lost): anything still pending is
+                # unacked and will be redelivered; what the writer commits meanwhile
+                # is acked while the channel lasts.
+                self._pending = []
+                if self.should_stop:
+                    self._stopping.set()
+                    self._ack_committed(until_idle=True)
+
+    def _ack_committed(self, until_idle: bool = False) -> None:
+        """Ack what the writer committed; with until_idle, wait until it is idle."""
+        while True:
+            if self._writer_error is not None:
+                raise RuntimeError("the ingest writer thread failed") from self._writer_error
+            try:
+                acks = self._done.get(block=until_idle and self._in_flight > 0, timeout=1)
+            except queue.Empty:
+                if until_idle and self._in_flight:
                     continue
-                except OSError:
-                    if not self.should_stop:
-                        raise
-                    break
-                if len(self._pending) >= self.group_size:
-                    self._flush()
-                yield
-            # Stopping: anything still pending is unacked and will be redelivered.
-            self._pending = []
+                return
+            if acks is None:
+                self._in_flight -= 1
+                continue
+            for d in acks:
+                if d.message.channel is self._channel:  # else the broker redelivers it
+                    with contextlib.suppress(*self.connection.connection_errors):
+                        d.message.ack()
 
     def _maybe_reap(self) -> None:
         """Run the reaper when due, caught up, and listening for at least one lease."""
+        # Only while the writer is idle: both publish jobs through the reaper.
         reaper, now = self.reaper, time.monotonic()
-        if reaper is None or self._pending or self._conn is None or now < self._next_reap:
+        busy = self._pending or self._in_flight
+        if reaper is None or busy or self._conn is None or now < self._next_reap:
             return
         self._next_reap = now + reaper.interval
         if now - self._listening_since < reaper.lease:
@@ -276,31 +400,97 @@ class Ingest(ConsumerMixin):
     # -- writing ------------------------------------------------------------
 
     def _flush(self) -> None:
+        """Hand the next group to the writer, if it has room for one."""
+        if self._in_flight >= WRITER_DEPTH:
+            return  # the group fills up meanwhile; a commit makes room
         # At most group_size: more can be pending (delivered while the consumer
         # started); those wait for the next turn of the loop.
-        group = self._pending[: self.group_size]
+        group = _Group(self._pending[: self.group_size])
         self._pending = self._pending[self.group_size :]
-        self._commit(group)
+        # Built here, while the writer commits the previous group. A failure is
+        # the writer's to handle (it builds them again, inside its retries).
+        with contextlib.suppress(Exception):
+            group.steps = self._steps(group.deliveries)
+        self._in_flight += 1
+        self._todo.put(group)
 
-    def _write(self, group: list[_Delivery]) -> None:
-        with self.sessions.begin() as session:
-            # Consecutive ingest messages go to the writer together (it merges their
-            # item batches); anything else is applied in its place in the order.
-            run: list[StoredMessage] = []
-            for d in group:
-                msg = d.parsed
-                if msg is not None and d.dead is None and not isinstance(msg, RunReleased):
-                    run.append(msg)
-                    continue
-                apply_messages(session, run)
+    def _writer(self) -> None:
+        """The writer thread: commit each group handed over, in order."""
+        try:
+            while (group := self._todo.get()) is not None:
+                if not self.should_stop:  # stopping: leave it unacked
+                    self._commit(group)
+                self._done.put(None)
+        except BaseException as exc:  # pragma: no cover - a bug: the consumer raises it
+            self._writer_error = exc
+            self._done.put(None)
+
+    def _steps(self, deliveries: list[_Delivery]) -> list[_Step]:
+        # Consecutive ingest messages go to the writer together (it merges their
+        # item batches); anything else is applied in its place in the order.
+        steps: list[_Step] = []
+        run: list[StoredMessage] = []
+        for d in deliveries:
+            if (msg := d.stored) is not None:
+                run.append(msg)
+                continue
+            if run:
+                steps.append(prepare(run, self._dialect))
                 run = []
-                if d.parsed is not None and d.dead is not None:
-                    apply_dead_letter(session, d.dead)
-                elif isinstance(d.parsed, RunReleased):
-                    self._release(session, d.parsed)
+            steps.append(d)
+        if run:
+            steps.append(prepare(run, self._dialect))
+        return steps
+
+    def _write(self, group: _Group) -> None:
+        if group.steps is None:
+            group.steps = self._steps(group.deliveries)
+        prepared = [step for step in group.steps if not isinstance(step, _Delivery)]
+        apart = self._dialect == "postgresql" and any(has_items(p) for p in prepared)
+        side = None
+        if apart and not group.items_done:
+            side = self._items.submit(self._write_items, prepared)
+
+        def items_committed() -> None:
+            if side is not None and not group.items_done:
+                side.result()
+                group.items_done = True
+
+        error: Exception | None = None
+        try:
+            if not group.main_done:
+                # The items commit first: a run this transaction marks finished is
+                # never visible before its items are.
+                self._write_main(group.steps, items=not apart, before_commit=items_committed)
+                group.main_done = True
+        except Exception as exc:
+            error = exc
+        try:
+            items_committed()  # also when the main part failed: never two at once
+        except Exception as exc:
+            error = error or exc
+        if error is not None:
+            raise error
+
+    def _write_main(
+        self, steps: list[_Step], items: bool, before_commit: Callable[[], None]
+    ) -> None:
+        with self.sessions.begin() as session:
+            for step in steps:
+                if not isinstance(step, _Delivery):
+                    apply_prepared(session, step, items)
+                elif step.parsed is not None and step.dead is not None:
+                    apply_dead_letter(session, step.dead)
+                elif isinstance(step.parsed, RunReleased):
+                    self._release(session, step.parsed)
                 else:
-                    record_bad_message(session, d.body_text, d.error or "", d.received_at)
-            apply_messages(session, run)
+                    record_bad_message(session, step.body_text, step.error or "", step.received_at)
+            before_commit()
+
+    def _write_items(self, prepared: list[Prepared]) -> None:
+        with self.sessions.begin() as session:
+            for p in prepared:
+                apply_items(session, p)
 
     def _release(self, session: Session, msg: RunReleased) -> None:
         """Requeue a run its worker handed back; published inside the transaction,
@@ -316,8 +506,8 @@ class Ingest(ConsumerMixin):
         self.reaper.publish(job)
         log.info("run %s: handed back by %s (%s), requeued", msg.run_id, msg.worker, msg.reason)
 
-    def _commit(self, group: list[_Delivery]) -> None:
-        """Commit ``group`` then ack it; retry until done or stopping."""
+    def _commit(self, group: _Group) -> None:
+        """Commit ``group`` then hand it back for acking; retry until done or stopping."""
         delay = self.retry_initial
         attempts = 0
         while True:
@@ -328,18 +518,18 @@ class Ingest(ConsumerMixin):
                 if is_transient(exc):
                     log.warning(
                         "database unavailable, %d message(s) kept unacked, retrying in %.1fs: %s",
-                        len(group),
+                        len(group.deliveries),
                         delay,
                         _one_line(exc),
                     )
-                elif len(group) > 1:
+                elif len(group.deliveries) > 1:
                     # Find the culprit: each message on its own.
-                    for d in group:
-                        self._commit([d])
+                    for d in group.deliveries:
+                        self._commit(_Group([d], main_done=group.main_done))
                     return
                 else:
                     attempts += 1
-                    d = group[0]
+                    d = group.deliveries[0]
                     if d.parsed is None or attempts >= POISON_ATTEMPTS:
                         log.error(
                             "database rejects %s; moving it to bad_messages: %s",
@@ -348,6 +538,7 @@ class Ingest(ConsumerMixin):
                         )
                         d.parsed = None
                         d.error = f"rejected by the database: {_one_line(exc)}"
+                        group.steps, group.main_done = None, False
                         continue  # store it in bad_messages right away
                     else:
                         log.warning(
@@ -361,28 +552,26 @@ class Ingest(ConsumerMixin):
             if not self._wait(delay):
                 return  # stopping: leave the group unacked, the broker redelivers it
             delay = min(delay * 2, self.retry_max)
-        for d in group:
-            d.message.ack()
+        self._done.put(group.deliveries)
 
     def _wait(self, seconds: float) -> bool:
-        """Sleep; False if asked to stop.
+        """Back off for ``seconds``; False if asked to stop.
 
-        Keeps reading from the broker meanwhile, so its heartbeats are seen and
-        a long database outage does not cost the connection. Messages arriving
-        meanwhile (at most prefetch_count) join the next group.
+        The consumer thread keeps reading from the broker meanwhile, so its
+        heartbeats are seen and a long database outage does not cost the
+        connection.
         """
-        deadline = time.monotonic() + seconds
-        while not self.should_stop:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return True
-            if self._conn is None:
-                time.sleep(min(left, 0.1))
-                continue
-            self._conn.heartbeat_check()
-            with contextlib.suppress(TimeoutError):
-                self._conn.drain_events(timeout=min(left, 0.25))
-        return False
+        self._backing_off = True
+        try:
+            deadline = time.monotonic() + seconds
+            while not self.should_stop:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return True
+                self._stopping.wait(min(left, 0.25))
+            return False
+        finally:
+            self._backing_off = False
 
 
 def run_ingest(

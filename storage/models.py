@@ -184,10 +184,11 @@ class Content(Base):
 
 class Observation(Base):
     __tablename__ = "observations"
+    # Few indexes, for ingest's sake (migration 0010): (run_id, key) for a run and
+    # redeliveries; history of one key, in one region or all; exports and changes
+    # by time.
     __table_args__ = (
         UniqueConstraint("run_id", "key"),
-        Index(None, "site", "region", "key"),
-        # history of one key across regions; exports and changes by time
         Index(None, "site", "key"),
         Index(None, "site", "observed_at"),
     )
@@ -198,10 +199,16 @@ class Observation(Base):
     region: Mapped[str] = mapped_column(String)
     key: Mapped[str] = mapped_column(Text)
     url: Mapped[str] = mapped_column(Text)
-    content_hash: Mapped[str] = mapped_column(String, ForeignKey("contents.hash"))
+    # No foreign key (a row lock per insert): the writer stores the content first,
+    # in the same transaction, and contents are never deleted.
+    content_hash: Mapped[str] = mapped_column(String)
     observed_at: Mapped[datetime]
 
-    content: Mapped[Content] = relationship(lazy="joined", viewonly=True)
+    content: Mapped[Content] = relationship(
+        lazy="joined",
+        viewonly=True,
+        primaryjoin="foreign(Observation.content_hash) == Content.hash",
+    )
 
     @property
     def data(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import base64
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -308,44 +309,61 @@ def _json_default(value: Any) -> Any:
 
 
 def _keep_first(*key: Any) -> Callable[[Any], Any]:
-    """For _insert_many: a row whose `key` is already stored is skipped (redelivery)."""
+    """For _Rows.insert: a row whose `key` is already stored is skipped (redelivery)."""
     return lambda ins: ins.on_conflict_do_nothing(index_elements=list(key))
 
 
-def _insert_many(
-    session: Session,
-    table: Table,
-    rows: Iterable[Mapping[str, Any]],
-    on_conflict: Callable[[Any], Any],
-) -> None:
-    """INSERT ``rows`` (all with the same keys, no bytes) with ``on_conflict(insert)``.
+class _Rows:
+    """Rows of one table (all with the same keys, no bytes), ready to INSERT.
 
-    On PostgreSQL the rows travel as one JSON array unpacked by json_to_recordset
-    (json, not jsonb: the server parses the text once), so one statement and one
-    round trip, where an executemany costs a Bind/Execute per row (most of
-    ingest's time, client and server side). SQLite runs in-process and keeps
-    the executemany.
+    On PostgreSQL they are JSON text, BULK_ROWS rows per statement, unpacked by
+    json_to_recordset (json, not jsonb: the server parses the text once): one
+    statement and one round trip, where an executemany costs a Bind/Execute per
+    row (most of ingest's time, client and server side). SQLite runs in-process
+    and keeps the executemany. Built without a session, so ingest can build the
+    next group's rows while the previous group commits (storage/ingest.py).
     """
-    params = list(rows)
-    if not params:
-        return
-    if session.get_bind().dialect.name != "postgresql":
-        session.execute(on_conflict(insert(session, table)), params)
-        return
-    cols = [table.c[name] for name in params[0]]
-    record = (
-        func.json_to_recordset(sql_cast(bindparam("rows", type_=Text), postgresql.JSON))
-        .table_valued(*(column(c.name, c.type) for c in cols))
-        .render_derived(name="r", with_types=True)
-    )
-    stmt = on_conflict(
-        postgresql.insert(table).from_select(
-            [c.name for c in cols], select(*(record.c[c.name] for c in cols))
+
+    def __init__(self, table: Table, rows: Iterable[Mapping[str, Any]], dialect: str) -> None:
+        params = list(rows)
+        self.table = table
+        self.names = list(params[0]) if params else []
+        self.chunks: list[Any] = params
+        if dialect == "postgresql":
+            # A group's rows share few timestamps: format each once.
+            formatted: dict[datetime, str] = {}
+
+            def default(value: Any) -> Any:
+                text = formatted.get(value)
+                if text is None:
+                    text = formatted[value] = _json_default(value)
+                return text
+
+            self.chunks = [
+                {"rows": json.dumps(params[start : start + BULK_ROWS], default=default)}
+                for start in range(0, len(params), BULK_ROWS)
+            ]
+
+    def insert(self, session: Session, on_conflict: Callable[[Any], Any]) -> None:
+        """INSERT the rows with ``on_conflict(insert)``."""
+        if not self.chunks:
+            return
+        if session.get_bind().dialect.name != "postgresql":
+            session.execute(on_conflict(insert(session, self.table)), self.chunks)
+            return
+        cols = [self.table.c[name] for name in self.names]
+        record = (
+            func.json_to_recordset(sql_cast(bindparam("rows", type_=Text), postgresql.JSON))
+            .table_valued(*(column(c.name, c.type) for c in cols))
+            .render_derived(name="r", with_types=True)
         )
-    )
-    for start in range(0, len(params), BULK_ROWS):
-        chunk = params[start : start + BULK_ROWS]
-        session.execute(stmt, {"rows": json.dumps(chunk, default=_json_default)})
+        stmt = on_conflict(
+            postgresql.insert(self.table).from_select(
+                self.names, select(*(record.c[c.name] for c in cols))
+            )
+        )
+        for chunk in self.chunks:
+            session.execute(stmt, chunk)
 
 
 def _item_upsert(upsert: Any) -> Any:
@@ -500,40 +518,57 @@ class _Batches:
                     "fetched_at": observed_at,
                 }
 
-    def write(self, session: Session) -> None:
+    def seal(self, dialect: str) -> _SealedBatches:
+        """The rows to write, per table, as statement parameters for ``dialect``."""
+        # Contents and items sorted by key, so two ingests writing overlapping rows
+        # lock them in one order; the others keep the batches' order (their ids are
+        # the crawl's order: fetches by id, observations by observed_at, id).
+        return _SealedBatches(
+            runs=self.runs,
+            leases=self.leases,
+            contents=_Rows(
+                contents,
+                ({"hash": h, "data": self.contents[h]} for h in sorted(self.contents)),
+                dialect,
+            ),
+            observations=_Rows(observations, self.observations.values(), dialect),
+            items=_Rows(items, (self.items[k] for k in sorted(self.items)), dialect),
+            item_samples=_Rows(item_samples, self.item_samples.values(), dialect),
+            fetches=_Rows(fetches, self.fetches.values(), dialect),
+            fetch_samples=_Rows(fetch_samples, self.fetch_samples.values(), dialect),
+            bodies=list(self.bodies.values()),
+        )
+
+
+@dataclass(frozen=True)
+class _SealedBatches:
+    """What _Batches.seal built: written in one go by ``write``."""
+
+    runs: dict[str, ItemBatch]
+    leases: dict[str, datetime]
+    contents: _Rows
+    observations: _Rows
+    items: _Rows
+    item_samples: _Rows
+    fetches: _Rows
+    fetch_samples: _Rows
+    bodies: list[dict[str, Any]]
+
+    def write(self, session: Session, items: bool = True) -> None:
         for run_id, msg in self.runs.items():
             _ensure_run(session, msg, "running")
             _raise_status(session, run_id, "running")
             _renew_lease(session, run_id, self.leases[run_id])
-        # Contents and items sorted by key, so two ingests writing overlapping rows
-        # lock them in one order; the others keep the batches' order (their ids are
-        # the crawl's order: fetches by id, observations by observed_at, id).
-        _insert_many(
-            session,
-            contents,
-            ({"hash": h, "data": self.contents[h]} for h in sorted(self.contents)),
-            _keep_first(contents.c.hash),
+        self.contents.insert(session, _keep_first(contents.c.hash))
+        self.observations.insert(session, _keep_first(observations.c.run_id, observations.c.key))
+        if items:
+            self.items.insert(session, _item_upsert)
+        self.item_samples.insert(
+            session, _keep_first(item_samples.c.run_id, item_samples.c.sample, item_samples.c.key)
         )
-        _insert_many(
+        self.fetches.insert(session, _keep_first(fetches.c.run_id, fetches.c.url))
+        self.fetch_samples.insert(
             session,
-            observations,
-            self.observations.values(),
-            _keep_first(observations.c.run_id, observations.c.key),
-        )
-        _insert_many(session, items, (self.items[k] for k in sorted(self.items)), _item_upsert)
-        _insert_many(
-            session,
-            item_samples,
-            self.item_samples.values(),
-            _keep_first(item_samples.c.run_id, item_samples.c.sample, item_samples.c.key),
-        )
-        _insert_many(
-            session, fetches, self.fetches.values(), _keep_first(fetches.c.run_id, fetches.c.url)
-        )
-        _insert_many(
-            session,
-            fetch_samples,
-            self.fetch_samples.values(),
             _keep_first(fetch_samples.c.run_id, fetch_samples.c.sample, fetch_samples.c.url),
         )
         if self.bodies:  # bytes: not JSON, so an executemany on every backend
@@ -541,7 +576,7 @@ class _Batches:
                 insert(session, bodies).on_conflict_do_nothing(
                     index_elements=[bodies.c.run_id, bodies.c.sample, bodies.c.url]
                 ),
-                list(self.bodies.values()),
+                self.bodies,
             )
 
 
@@ -602,6 +637,18 @@ def apply_message(session: Session, msg: IngestMessage) -> None:
 def apply_messages(session: Session, msgs: Iterable[IngestMessage]) -> None:
     """Apply parsed ingest messages in order, as apply_message one by one would;
     consecutive ItemBatches are written together. The caller commits."""
+    apply_prepared(session, prepare(msgs, session.get_bind().dialect.name))
+
+
+# What apply_prepared writes: the rows of consecutive item batches, or one
+# other message.
+Prepared = list[_SealedBatches | IngestMessage]
+
+
+def prepare(msgs: Iterable[IngestMessage], dialect: str) -> Prepared:
+    """The Python half of apply_messages (cleaning, hashing, rows, JSON), without
+    a session: ingest runs it for the next group while the last one commits."""
+    out: Prepared = []
     batches = _Batches()
     for msg in msgs:
         msg = _cleaned(msg)
@@ -609,11 +656,37 @@ def apply_messages(session: Session, msgs: Iterable[IngestMessage]) -> None:
             batches.add(msg)
             continue
         if batches:
-            batches.write(session)
+            out.append(batches.seal(dialect))
             batches = _Batches()
-        _apply_one(session, msg)
+        out.append(msg)
     if batches:
-        batches.write(session)
+        out.append(batches.seal(dialect))
+    return out
+
+
+def apply_prepared(session: Session, prepared: Prepared, items: bool = True) -> None:
+    """Write what prepare() built, in order; the caller commits.
+
+    items=False leaves out the item batches' ``items`` rows, for apply_items to
+    write in another transaction: nothing else reads or references them, and
+    their upsert gives the same rows in any order and any number of times.
+    """
+    for step in prepared:
+        if isinstance(step, _SealedBatches):
+            step.write(session, items)
+        else:
+            _apply_one(session, step)
+
+
+def has_items(prepared: Prepared) -> bool:
+    return any(isinstance(step, _SealedBatches) and step.items.chunks for step in prepared)
+
+
+def apply_items(session: Session, prepared: Prepared) -> None:
+    """The ``items`` rows that apply_prepared(items=False) left out; the caller commits."""
+    for step in prepared:
+        if isinstance(step, _SealedBatches):
+            step.items.insert(session, _item_upsert)
 
 
 def _apply_one(session: Session, msg: IngestMessage) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -434,3 +435,132 @@ def test_ingest_reconnects_after_broker_connection_loss(
     finally:
         store.engine.dispose()
     assert ingest_queue_depth(broker) == 0
+
+
+def queue_counts(broker_url: str) -> tuple[int, int]:
+    """(ready, unacknowledged) messages of the ingest queue, as the broker counts them."""
+    import subprocess
+
+    vhost = broker_url.rsplit("/", 1)[1]
+    columns = ["name", "messages_ready", "messages_unacknowledged"]
+    done = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "-p", vhost, *columns],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    for line in done.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == INGEST_QUEUE.name:
+            return int(parts[1]), int(parts[2])
+    return 0, 0
+
+
+@contextlib.contextmanager
+def gated(name: str, table: str) -> Iterator[tuple[psycopg.Connection[Any], Callable[[], bool]]]:
+    """Make every insert into `table` of database `name` wait while the gate is closed.
+
+    Yields the gate's connection (``SELECT pg_advisory_unlock(4242)`` opens it)
+    and a predicate: an insert is waiting at the gate.
+    """
+    with psycopg.connect(f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}", autocommit=True) as gate:
+        gate.execute(
+            "CREATE OR REPLACE FUNCTION gate() RETURNS trigger AS $$ BEGIN "
+            "PERFORM pg_advisory_xact_lock_shared(4242); RETURN NULL; END $$ LANGUAGE plpgsql"
+        )
+        gate.execute(
+            f"CREATE TRIGGER gate BEFORE INSERT ON {table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION gate()"
+        )
+        gate.execute("SELECT pg_advisory_lock(4242)")
+
+        def waiting() -> bool:
+            with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+                row = admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                    "AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                    (name,),
+                ).fetchone()
+                return row is not None and row[0] == 1
+
+        yield gate, waiting
+
+
+def test_writer_thread_acks_only_after_commit_and_a_stop_leaves_the_rest_unacked(
+    broker: str, pg_db: tuple[str, str]
+) -> None:
+    url, name = pg_db
+    ensure_schema(url)
+    # The writer thread's transaction stays open, uncommitted, for as long as we like.
+    with gated(name, "observations") as (gate, writer_waits):
+        queued, started, batch0, _, _ = run_messages("a1")
+        # A full group (GROUP_SIZE messages) of another run, behind the blocked one.
+        later = [
+            dump(
+                ItemBatch(
+                    run_id="b1", site="shop", region="eu", seq=n, observed_at=at(5),
+                    items=[ScrapedItem(key=f"k{n}", url="https://shop.example/k", data={"n": n})],
+                )
+            )
+            for n in range(100)
+        ]  # fmt: skip
+        store = Store(url)
+        ingest = IngestThread(broker, url)
+        try:
+            with ingest:
+                publish(broker, queued, started, batch0)
+                wait_for("the writer to wait inside its transaction", writer_waits)
+                # Received, not committed: all three held unacked.
+                assert queue_counts(broker) == (0, 3)
+                publish(broker, *later)
+                wait_for("ingest to receive the rest", lambda: queue_counts(broker) == (0, 103))
+                ingest.stop.set()
+                gate.execute("SELECT pg_advisory_unlock(4242)")
+            # The first group committed (and was acked); the one handed to the writer
+            # behind it was not written, and is back on the queue.
+            assert [o[1] for o in store.observations()] == ["a", "b"]
+            run = store.run("a1")
+            assert run is not None and run.status == "running"
+            wait_for("the rest to be back on the queue", lambda: queue_counts(broker) == (100, 0))
+        finally:
+            store.engine.dispose()
+
+
+def test_items_commit_on_their_own_connection_first_and_the_group_is_acked_after_both(
+    broker: str, pg_db: tuple[str, str]
+) -> None:
+    url, name = pg_db
+    ensure_schema(url)
+    queued, started, batch0, _, _ = run_messages("i1")
+    store = Store(url)
+
+    def rest_waits_for_items() -> bool:
+        # The rest of the group is written and its transaction waits, uncommitted.
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                "AND state = 'idle in transaction'",
+                (name,),
+            ).fetchone()
+            return row is not None and row[0] == 1
+
+    try:
+        with gated(name, "items") as (gate, items_wait), IngestThread(broker, url):
+            publish(broker, queued, started, batch0)
+            wait_for("the items insert to wait", items_wait)
+            wait_for("the rest of the group to wait for the items", rest_waits_for_items)
+            # Nothing of the group shows before its items do, and nothing is acked.
+            assert store.observations() == [] and store.run("i1") is None
+            assert queue_counts(broker) == (0, 3)
+            gate.execute("SELECT pg_advisory_unlock(4242)")
+            wait_for("the items", lambda: len(store.items("shop")) == 2)
+            wait_for("the observations", lambda: len(store.observations()) == 2)
+            wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
+        assert [(o[1], o[2]) for o in store.observations()] == [
+            ("a", {"price": 10}),
+            ("b", {"price": 20}),
+        ]
+        assert store.bad() == []
+    finally:
+        store.engine.dispose()
