@@ -21,8 +21,13 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# Most tests wait on processes and services, so 4 workers overlap their waits
+# on 2 cores; every test makes its own vhost, database, Redis prefix and ports.
+# `pytest` alone (one file, one test) runs in one process.
+PYTEST_WORKERS ?= 4
+
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 services:
 	bash scripts/services.sh

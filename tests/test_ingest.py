@@ -509,12 +509,16 @@ def test_writer_thread_acks_only_after_commit_and_a_stop_leaves_the_rest_unacked
         ingest = IngestThread(broker, url)
         try:
             with ingest:
-                publish(broker, queued, started, batch0)
+                # The run first (no observations, so past the gate), however it is grouped.
+                publish(broker, queued, started)
+                wait_for("the run", lambda: getattr(store.run("a1"), "status", None) == "running")
+                wait_for("its acks", lambda: queue_counts(broker) == (0, 0))
+                publish(broker, batch0)
                 wait_for("the writer to wait inside its transaction", writer_waits)
-                # Received, not committed: all three held unacked.
-                assert queue_counts(broker) == (0, 3)
+                # Received, not committed: held unacked.
+                assert queue_counts(broker) == (0, 1)
                 publish(broker, *later)
-                wait_for("ingest to receive the rest", lambda: queue_counts(broker) == (0, 103))
+                wait_for("ingest to receive the rest", lambda: queue_counts(broker) == (0, 101))
                 ingest.stop.set()
                 gate.execute("SELECT pg_advisory_unlock(4242)")
             # The first group committed (and was acked); the one handed to the writer
@@ -532,11 +536,11 @@ def test_items_commit_on_their_own_connection_first_and_the_group_is_acked_after
 ) -> None:
     url, name = pg_db
     ensure_schema(url)
-    queued, started, batch0, _, _ = run_messages("i1")
+    queued, started, batch0, batch1, finished = run_messages("i1")
     store = Store(url)
 
     def rest_waits_for_items() -> bool:
-        # The rest of the group is written and its transaction waits, uncommitted.
+        # The rest of a group is written and its transaction waits, uncommitted.
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
             row = admin.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
@@ -546,21 +550,25 @@ def test_items_commit_on_their_own_connection_first_and_the_group_is_acked_after
             return row is not None and row[0] == 1
 
     try:
-        with gated(name, "items") as (gate, items_wait), IngestThread(broker, url):
+        with IngestThread(broker, url):
             publish(broker, queued, started, batch0)
-            wait_for("the items insert to wait", items_wait)
-            wait_for("the rest of the group to wait for the items", rest_waits_for_items)
-            # Nothing of the group shows before its items do, and nothing is acked.
-            assert store.observations() == [] and store.run("i1") is None
-            assert queue_counts(broker) == (0, 3)
-            gate.execute("SELECT pg_advisory_unlock(4242)")
-            wait_for("the items", lambda: len(store.items("shop")) == 2)
-            wait_for("the observations", lambda: len(store.observations()) == 2)
-            wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
-        assert [(o[1], o[2]) for o in store.observations()] == [
-            ("a", {"price": 10}),
-            ("b", {"price": 20}),
-        ]
+            wait_for("the first batch", lambda: len(store.items("shop")) == 2)
+            with gated(name, "items") as (gate, items_wait):
+                # However the broker groups these two, the run's end waits for c's item.
+                publish(broker, batch1, finished)
+                wait_for("the items insert to wait", items_wait)
+                wait_for("the rest of its group to wait for the items", rest_waits_for_items)
+                assert [o[1] for o in store.observations()] == ["a", "b"]
+                run = store.run("i1")
+                assert run is not None and run.status == "running"
+                ready, unacked = queue_counts(broker)
+                assert ready + unacked == 2 and unacked >= 1
+                gate.execute("SELECT pg_advisory_unlock(4242)")
+                wait_for("the items", lambda: len(store.items("shop")) == 3)
+                wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
+        assert [o[1] for o in store.observations()] == ["a", "b", "c"]
+        run = store.run("i1")
+        assert run is not None and run.status == "succeeded"
         assert store.bad() == []
     finally:
         store.engine.dispose()

@@ -313,7 +313,11 @@ def test_robots_crawl_delay_holds_across_crawls(redis_prefix: str) -> None:
     assert [f.status for f in finished] == ["succeeded"] * 2
     assert len(times) == 8
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert min(gaps) >= 0.9, gaps
+    # Slots are 1 s apart; what the site sees also carries each request's way from
+    # its slot to the socket, which a loaded machine (the suite runs in parallel)
+    # stretches by up to ~0.15 s: so each gap >= 0.8 s, and 1 s on average.
+    assert min(gaps) >= 0.8, gaps
+    assert (times[-1] - times[0]) / len(gaps) >= 0.97, gaps
 
 
 # -- Redis stopped mid-crawl -----------------------------------------------------
