@@ -27,14 +27,13 @@ state as applying the batches one by one.
 from __future__ import annotations
 
 import base64
-import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, cast
 
-from pydantic_core import PydanticSerializationError
+from pydantic_core import PydanticSerializationError, to_json
 from sqlalchemy import (
     ColumnElement,
     CursorResult,
@@ -302,12 +301,6 @@ def _job_site(session: Session, run_id: str) -> ResolvedSite | None:
 BULK_ROWS = 1000
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return (value.replace(tzinfo=UTC) if value.tzinfo is None else value).isoformat()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
 def _keep_first(*key: Any) -> Callable[[Any], Any]:
     """For _Rows.insert: a row whose `key` is already stored is skipped (redelivery)."""
     return lambda ins: ins.on_conflict_do_nothing(index_elements=list(key))
@@ -330,17 +323,11 @@ class _Rows:
         self.names = list(params[0]) if params else []
         self.chunks: list[Any] = params
         if dialect == "postgresql":
-            # A group's rows share few timestamps: format each once.
-            formatted: dict[datetime, str] = {}
-
-            def default(value: Any) -> Any:
-                text = formatted.get(value)
-                if text is None:
-                    text = formatted[value] = _json_default(value)
-                return text
-
+            # pydantic-core's serialiser: a quarter of json.dumps' time for these rows
+            # (most of the consumer's share of a group). Its timestamps are ISO 8601
+            # with their offset: every one here comes from an AwareDatetime field.
             self.chunks = [
-                {"rows": json.dumps(params[start : start + BULK_ROWS], default=default)}
+                {"rows": to_json(params[start : start + BULK_ROWS]).decode()}
                 for start in range(0, len(params), BULK_ROWS)
             ]
 
