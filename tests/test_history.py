@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -10,7 +11,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from storage.content import content_hash
+from storage.content import canonical_json, content_hash
 from storage.db import make_engine, session_factory
 from storage.errors import NotFoundError
 from storage.history import changes, history
@@ -142,6 +143,16 @@ def test_unchanged_observations_share_one_copy_of_their_data(session: Session) -
         content_hash(d): d
         for d in (data("A", 10.0), data("B", 20.0), data("C", 30.0), data("B", 25.0))
     }
+
+
+def test_content_hashes_stay_what_stored_observations_hold() -> None:
+    # A change of serialisation would make every unchanged item look changed and
+    # store its data again: the canonical text is json.dumps' with sorted keys.
+    value = {"price": 9.99, "name": "Th\u00e9 \u2028", "tags": ["a", None, True], "n": 10**20}
+    assert content_hash(value | {"big": 1e16}) == "173ef83295f6e273b84ad96700f66e19"
+    assert canonical_json(value) == json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
 
 
 def test_cli_history_and_changes_json(store: str) -> None:
