@@ -153,6 +153,7 @@ def budget(redis_prefix: str, **politeness: Any) -> Budget:
     return Budget(site, prefix=redis_prefix)
 
 
+@pytest.mark.timing
 def test_budget_spaces_requests_across_clients(redis_prefix: str) -> None:
     clients = [budget(redis_prefix, rate="20/s") for _ in range(3)]
     granted: list[float] = []
@@ -178,6 +179,7 @@ def test_budget_spaces_requests_across_clients(redis_prefix: str) -> None:
     assert all(b.note is None for b in clients)
 
 
+@pytest.mark.timing
 def test_a_worker_far_from_redis_gets_its_share(redis_prefix: str) -> None:
     """Its recheck reaches Redis a round trip after it wakes: it aims early, not late."""
     near_ones = [budget(redis_prefix, rate="20/s") for _ in range(2)]
@@ -264,6 +266,7 @@ def test_repeated_429_backs_off_exponentially(redis_prefix: str) -> None:
     assert b.strikes == 3 and b.pauses == 3
 
 
+@pytest.mark.timing
 def test_four_crawls_share_one_rate(pages: PageSite, redis_prefix: str) -> None:
     finished = crawl_in_threads([site_config(pages.url, rate="10/s") for _ in range(4)])
     assert [f.status for f in finished] == ["succeeded"] * 4, [f.error for f in finished]
@@ -274,6 +277,7 @@ def test_four_crawls_share_one_rate(pages: PageSite, redis_prefix: str) -> None:
     assert sum(f.stats.rate_wait for f in finished) > 0
 
 
+@pytest.mark.timing
 def test_429_pauses_the_domain_for_every_crawl(redis_prefix: str) -> None:
     told: list[float] = []
     lock = threading.Lock()
@@ -303,6 +307,7 @@ def test_429_pauses_the_domain_for_every_crawl(redis_prefix: str) -> None:
     assert all(f.stats.items == 25 for f in finished)  # the 429 page was fetched again
 
 
+@pytest.mark.timing
 def test_robots_crawl_delay_holds_across_crawls(redis_prefix: str) -> None:
     robots = "User-agent: *\nCrawl-delay: 1\nAllow: /\n"
     with serve_pages(PageSite(pages=4, robots=robots)) as site:
@@ -314,9 +319,8 @@ def test_robots_crawl_delay_holds_across_crawls(redis_prefix: str) -> None:
     assert len(times) == 8
     gaps = [b - a for a, b in itertools.pairwise(times)]
     # Slots are 1 s apart; what the site sees also carries each request's way from
-    # its slot to the socket, which a loaded machine (the suite runs in parallel)
-    # stretches by up to ~0.15 s: so each gap >= 0.8 s, and 1 s on average.
-    assert min(gaps) >= 0.8, gaps
+    # its slot to the socket (a few ms here, run alone: marked `timing`).
+    assert min(gaps) >= 0.9, gaps
     assert (times[-1] - times[0]) / len(gaps) >= 0.97, gaps
 
 
@@ -356,6 +360,7 @@ def own_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
         proc.wait()
 
 
+@pytest.mark.timing
 def test_redis_stopped_mid_crawl_falls_back_to_local_politeness(
     own_redis: tuple[subprocess.Popen[bytes], str],
     monkeypatch: pytest.MonkeyPatch,

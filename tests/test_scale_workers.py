@@ -130,6 +130,7 @@ def observations(s: Stack, run_id: str) -> int:
         )
 
 
+@pytest.mark.timing
 def test_two_regions_two_workers_share_one_rate(deployment: Stack) -> None:
     s = deployment
     with serve_pages(PageSite(pages=20)) as site:
