@@ -476,15 +476,19 @@ def gated(name: str, table: str) -> Iterator[tuple[psycopg.Connection[Any], Call
         gate.execute("SELECT pg_advisory_lock(4242)")
 
         def waiting() -> bool:
-            with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-                row = admin.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-                    "AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-                    (name,),
-                ).fetchone()
-                return row is not None and row[0] == 1
+            return one_backend(name, "wait_event_type = 'Lock' AND wait_event = 'advisory'")
 
         yield gate, waiting
+
+
+def one_backend(name: str, condition: str) -> bool:
+    """Exactly one connection to database `name` is in the state `condition` says."""
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        row = admin.execute(
+            f"SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND {condition}",
+            (name,),
+        ).fetchone()
+        return row is not None and row[0] == 1
 
 
 def test_writer_thread_acks_only_after_commit_and_a_stop_leaves_the_rest_unacked(
@@ -541,13 +545,7 @@ def test_items_commit_on_their_own_connection_first_and_the_group_is_acked_after
 
     def rest_waits_for_items() -> bool:
         # The rest of a group is written and its transaction waits, uncommitted.
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            row = admin.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-                "AND state = 'idle in transaction'",
-                (name,),
-            ).fetchone()
-            return row is not None and row[0] == 1
+        return one_backend(name, "state = 'idle in transaction'")
 
     try:
         with IngestThread(broker, url):
