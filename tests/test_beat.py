@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
+from regions.bus import declare_topology, queue_depth
 from tests.harness import Stack, stack, wait_until
 
 pytestmark = pytest.mark.slow
@@ -384,8 +385,18 @@ def test_jobs_of_a_region_without_workers_expire_while_the_other_region_runs(
         with stack(tmp_path, vhost_url, sqlite_url, config) as s:
             s.ingest()
             wait_until(lambda: "consuming" in s.log("ingest"), what="ingest to start")
+            # The eu worker consumes before the first tick: each job expires at the
+            # next tick (3 s), and a worker still starting on a loaded machine
+            # would see its first job expire — a true outcome, not this test's.
+            with Connection(vhost_url) as conn:
+                declare_topology(conn, ["eu", "us"])
+                s.worker("eu")  # no worker for us
+                wait_until(
+                    lambda: (queue_depth(conn, "scrape.eu") or (0, 0))[1] >= 1,
+                    timeout=60,
+                    what="the eu worker to consume",
+                )
             s.start("beat", "beat")
-            s.worker("eu")  # no worker for us
 
             def settled() -> bool:
                 runs = shop_runs(s)
