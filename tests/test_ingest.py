@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -29,7 +30,7 @@ from regions.messages import (
     dump,
 )
 from storage.db import make_engine, session_factory
-from storage.ingest import run_ingest
+from storage.ingest import GC_THRESHOLDS, run_ingest, tune_gc
 from storage.migrate import ensure_schema
 from storage.models import BadMessage, Observation
 from storage.queries import FetchRow, ItemRow, RunRow, get_runs, list_fetches, list_items
@@ -570,3 +571,13 @@ def test_items_commit_on_their_own_connection_first_and_the_group_is_acked_after
         assert store.bad() == []
     finally:
         store.engine.dispose()
+
+
+def test_tune_gc_makes_the_ingest_process_collect_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] > before[0]  # fewer young collections than the default
+    finally:
+        gc.set_threshold(*before)
