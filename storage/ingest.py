@@ -29,13 +29,17 @@ with the writer (one committing, one ready), and the prefetch is two groups,
 so the broker delivers the next group as soon as one is acked. A partial group
 goes to the writer only when it is idle, so under load groups fill up.
 
-On PostgreSQL a group's ``items`` rows are written in a transaction of their
-own, on a second connection, while the rest of the group is written (the
-server works on both at once); they commit first, so a run the group marks
-finished never shows without its items. No other write of ingest reads or
-references them, and their upsert gives the same rows in any order and any
-number of times, so the group is acked once both have committed, and a retry
-redoes only the part that did not commit.
+On PostgreSQL a group's ``contents`` and ``items`` rows are written in a
+transaction of their own, on a second connection, while the rest of the group
+is written (the server works on both at once); they commit first, so a run the
+group marks finished never shows without its items, nor an observation without
+its content. No other write of ingest references them (an observation names its
+content by hash, without a foreign key), and their inserts give the same rows in
+any order and any number of times, so the group is acked once both have
+committed, and a retry redoes only the part that did not commit. The one reader
+is a run's verdict (an `expect: coverage` check joins the run's observations
+with their contents): the main transaction waits for the side's commit before
+it applies one.
 """
 
 from __future__ import annotations
@@ -73,9 +77,9 @@ from storage.reaper import PublishJob, Reaper, lease_settings
 from storage.writer import IngestMessage as StoredMessage
 from storage.writer import (
     Prepared,
-    apply_items,
     apply_prepared,
-    has_items,
+    apply_side_rows,
+    has_side_rows,
     prepare,
     record_bad_message,
     release_run,
@@ -165,9 +169,10 @@ class _Group:
 
     deliveries: list[_Delivery]
     steps: list[_Step] | None = None  # None: build them when writing
-    # Committed so far: everything but the items rows / the items rows (PostgreSQL).
+    # Committed so far: everything but the contents and items rows / those rows
+    # (PostgreSQL).
     main_done: bool = False
-    items_done: bool = False
+    side_done: bool = False
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -230,7 +235,7 @@ class Ingest(ConsumerMixin):
         self._backing_off = False  # the writer waits out a database error
         self._stopping = threading.Event()  # wakes the writer from a backoff
         self._writer_error: BaseException | None = None
-        self._items = ThreadPoolExecutor(1, thread_name_prefix="ingest-items")
+        self._side = ThreadPoolExecutor(1, thread_name_prefix="ingest-side")
 
     # -- stopping ------------------------------------------------------------
 
@@ -321,7 +326,7 @@ class Ingest(ConsumerMixin):
             self.stop()  # also when an error ends the run: the writer gives up its retries
             self._todo.put(None)
             writer.join()
-            self._items.shutdown()
+            self._side.shutdown()
         log.info("ingest stopped")
 
     def consume(
@@ -464,51 +469,55 @@ class Ingest(ConsumerMixin):
         if group.steps is None:
             group.steps = self._steps(group.deliveries)
         prepared = [step for step in group.steps if not isinstance(step, _Delivery)]
-        apart = self._dialect == "postgresql" and any(has_items(p) for p in prepared)
+        apart = self._dialect == "postgresql" and any(has_side_rows(p) for p in prepared)
         side = None
-        if apart and not group.items_done:
-            side = self._items.submit(self._write_items, prepared)
+        if apart and not group.side_done:
+            side = self._side.submit(self._write_side, prepared)
 
-        def items_committed() -> None:
-            if side is not None and not group.items_done:
+        def side_committed() -> None:
+            if side is not None and not group.side_done:
                 side.result()
-                group.items_done = True
+                group.side_done = True
 
         error: Exception | None = None
         try:
             if not group.main_done:
-                # The items commit first: a run this transaction marks finished is
-                # never visible before its items are.
-                self._write_main(group.steps, items=not apart, before_commit=items_committed)
+                # The contents and items commit first: a run this transaction marks
+                # finished is never visible before its items are, nor an
+                # observation before its content.
+                self._write_main(group.steps, side_rows=not apart, side_committed=side_committed)
                 group.main_done = True
         except Exception as exc:
             error = exc
         try:
-            items_committed()  # also when the main part failed: never two at once
+            side_committed()  # also when the main part failed: never two at once
         except Exception as exc:
             error = error or exc
         if error is not None:
             raise error
 
     def _write_main(
-        self, steps: list[_Step], items: bool, before_commit: Callable[[], None]
+        self, steps: list[_Step], side_rows: bool, side_committed: Callable[[], None]
     ) -> None:
+        # A verdict (a RunFinished, a dead letter's) may read the group's contents
+        # (an `expect: coverage` check): the side commits before one is applied.
         with self.sessions.begin() as session:
             for step in steps:
                 if not isinstance(step, _Delivery):
-                    apply_prepared(session, step, items)
+                    apply_prepared(session, step, side_rows, before_finished=side_committed)
                 elif step.parsed is not None and step.dead is not None:
+                    side_committed()
                     apply_dead_letter(session, step.dead)
                 elif isinstance(step.parsed, RunReleased):
                     self._release(session, step.parsed)
                 else:
                     record_bad_message(session, step.body_text, step.error or "", step.received_at)
-            before_commit()
+            side_committed()
 
-    def _write_items(self, prepared: list[Prepared]) -> None:
+    def _write_side(self, prepared: list[Prepared]) -> None:
         with self.sessions.begin() as session:
             for p in prepared:
-                apply_items(session, p)
+                apply_side_rows(session, p)
 
     def _release(self, session: Session, msg: RunReleased) -> None:
         """Requeue a run its worker handed back; published inside the transaction,

@@ -560,14 +560,20 @@ class _SealedBatches:
     fetch_samples: _Rows
     bodies: list[dict[str, Any]]
 
-    def write(self, session: Session, items: bool = True) -> None:
+    def write_side_rows(self, session: Session) -> None:
+        """The contents and items rows: nothing else written here references them."""
+        self.contents.insert(session, _keep_first(contents.c.hash))
+        self.items.insert(session, _item_upsert)
+
+    def write(self, session: Session, side_rows: bool = True) -> None:
         for run_id, msg in self.runs.items():
             _ensure_run(session, msg, "running")
             _raise_status(session, run_id, "running")
             _renew_lease(session, run_id, self.leases[run_id])
-        self.contents.insert(session, _keep_first(contents.c.hash))
+        if side_rows:
+            self.contents.insert(session, _keep_first(contents.c.hash))
         self.observations.insert(session, _keep_first(observations.c.run_id, observations.c.key))
-        if items:
+        if side_rows:
             self.items.insert(session, _item_upsert)
         self.item_samples.insert(
             session, _keep_first(item_samples.c.run_id, item_samples.c.sample, item_samples.c.key)
@@ -670,29 +676,45 @@ def prepare(msgs: Iterable[IngestMessage], dialect: str) -> Prepared:
     return out
 
 
-def apply_prepared(session: Session, prepared: Prepared, items: bool = True) -> None:
+def apply_prepared(
+    session: Session,
+    prepared: Prepared,
+    side_rows: bool = True,
+    before_finished: Callable[[], None] | None = None,
+) -> None:
     """Write what prepare() built, in order; the caller commits.
 
-    items=False leaves out the item batches' ``items`` rows, for apply_items to
-    write in another transaction: nothing else reads or references them, and
-    their upsert gives the same rows in any order and any number of times.
+    side_rows=False leaves out the item batches' ``contents`` and ``items`` rows,
+    for apply_side_rows to write in another transaction: no write here references
+    them (an observation names its content by hash, without a foreign key), the
+    contents insert keeps the first row and the items upsert gives the same rows
+    in any order and any number of times. Only a RunFinished reads them (an
+    `expect: coverage` check joins the run's observations with their contents):
+    ``before_finished`` is called before one is applied, to make them visible first.
     """
     for step in prepared:
         if isinstance(step, _SealedBatches):
-            step.write(session, items)
+            step.write(session, side_rows)
         else:
+            if before_finished is not None and isinstance(step, RunFinished):
+                before_finished()
             _apply_one(session, step)
 
 
-def has_items(prepared: Prepared) -> bool:
-    return any(isinstance(step, _SealedBatches) and step.items.chunks for step in prepared)
+def has_side_rows(prepared: Prepared) -> bool:
+    """Whether apply_side_rows has anything to write for ``prepared``."""
+    return any(
+        isinstance(step, _SealedBatches) and (step.items.chunks or step.contents.chunks)
+        for step in prepared
+    )
 
 
-def apply_items(session: Session, prepared: Prepared) -> None:
-    """The ``items`` rows that apply_prepared(items=False) left out; the caller commits."""
+def apply_side_rows(session: Session, prepared: Prepared) -> None:
+    """The ``contents`` and ``items`` rows that apply_prepared(side_rows=False) left
+    out; the caller commits."""
     for step in prepared:
         if isinstance(step, _SealedBatches):
-            step.items.insert(session, _item_upsert)
+            step.write_side_rows(session)
 
 
 def _apply_one(session: Session, msg: IngestMessage) -> None:

@@ -22,6 +22,7 @@ from regions.bus import INGEST_EXCHANGE, INGEST_QUEUE, INGEST_ROUTING_KEY, conne
 from regions.messages import (
     Fetch,
     ItemBatch,
+    Job,
     RunFinished,
     RunQueued,
     RunStarted,
@@ -29,6 +30,7 @@ from regions.messages import (
     ScrapedItem,
     dump,
 )
+from scheduler.loader import parse_config
 from storage.db import make_engine, session_factory
 from storage.ingest import GC_THRESHOLDS, run_ingest, tune_gc
 from storage.migrate import ensure_schema
@@ -568,6 +570,66 @@ def test_items_commit_on_their_own_connection_first_and_the_group_is_acked_after
         assert [o[1] for o in store.observations()] == ["a", "b", "c"]
         run = store.run("i1")
         assert run is not None and run.status == "succeeded"
+        assert store.bad() == []
+    finally:
+        store.engine.dispose()
+
+
+COVERED_SITE = """\
+regions:
+  eu: {}
+sites:
+  - name: shop
+    start_urls: ["https://shop.example/"]
+    regions: [eu]
+    extract:
+      fields:
+        price: {css: ".price::text", type: price}
+    expect: {coverage: {price: 90%}}
+"""
+
+
+def test_a_verdict_waits_for_the_contents_committed_on_the_other_connection(
+    broker: str, pg_db: tuple[str, str]
+) -> None:
+    # The contents go with the items, on the second connection; a RunFinished
+    # checking `expect: coverage` joins the run's observations with their contents,
+    # so it must see them: had it been applied first, it would find 0 of 0 items
+    # with a price and degrade the run.
+    url, name = pg_db
+    ensure_schema(url)
+    site = parse_config(COVERED_SITE, "sites.yaml", env={}).resolved_site("shop")
+    queued, started, batch0, batch1, finished = run_messages("v1")
+    queued = dump(
+        RunQueued(
+            run_id="v1", site="shop", region="eu", trigger="manual", tick=None,
+            queued_at=at(0), job=Job(run_id="v1", site="shop", region="eu", config=site),
+        )
+    )  # fmt: skip
+    store = Store(url)
+
+    def main_waits_for_the_side() -> bool:
+        return one_backend(name, "state = 'idle in transaction'")
+
+    try:
+        with IngestThread(broker, url):
+            publish(broker, queued, started)
+            wait_for("the run", lambda: getattr(store.run("v1"), "status", None) == "running")
+            with gated(name, "contents") as (gate, contents_wait):
+                # However the broker groups these, the verdict waits for the contents.
+                publish(broker, batch0, batch1, finished)
+                wait_for("the contents insert to wait", contents_wait)
+                wait_for("the rest of the group to wait for it", main_waits_for_the_side)
+                assert store.observations() == []
+                run = store.run("v1")
+                assert run is not None and run.status == "running"
+                gate.execute("SELECT pg_advisory_unlock(4242)")
+                wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
+        run = store.run("v1")
+        assert run is not None
+        assert run.status == "succeeded", run.error
+        assert [o[1] for o in store.observations()] == ["a", "b", "c"]
+        assert len(store.items("shop")) == 3
         assert store.bad() == []
     finally:
         store.engine.dispose()
