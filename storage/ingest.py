@@ -79,6 +79,7 @@ from storage.writer import (
     Prepared,
     apply_prepared,
     apply_side_rows,
+    cleaned,
     has_side_rows,
     prepare,
     record_bad_message,
@@ -132,6 +133,7 @@ class _Delivery:
     error: str | None = None  # set: this message goes to bad_messages
     dead: DeadLetter | None = None  # from scrape.dead (parsed is then its verdict)
     received_at: datetime = field(default_factory=utcnow)
+    raw: bool = False  # parsed straight from the body's JSON bytes
 
     @property
     def body_text(self) -> str:
@@ -299,6 +301,7 @@ class Ingest(ConsumerMixin):
             # way, for the error that names the cause.
             with contextlib.suppress(MessageError):
                 delivery.parsed = parse_ingest(message.body)
+                delivery.raw = isinstance(message.body, bytes)
                 self._pending.append(delivery)
                 return
         try:
@@ -455,14 +458,14 @@ class Ingest(ConsumerMixin):
         run: list[StoredMessage] = []
         for d in deliveries:
             if (msg := d.stored) is not None:
-                run.append(msg)
+                run.append(cleaned(msg, d.message.body if d.raw else None))
                 continue
             if run:
-                steps.append(prepare(run, self._dialect))
+                steps.append(prepare(run, self._dialect, clean=True))
                 run = []
             steps.append(d)
         if run:
-            steps.append(prepare(run, self._dialect))
+            steps.append(prepare(run, self._dialect, clean=True))
         return steps
 
     def _write(self, group: _Group) -> None:

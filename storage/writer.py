@@ -137,6 +137,23 @@ def _clean(value: Any) -> Any:
     return value
 
 
+# What a JSON text holding a NUL or a lone surrogate has in it: the escape of one
+# (a surrogate pair's, or a literal backslash before u0000, only costs the slow
+# path), or the raw bytes of one (not valid JSON or UTF-8, so never parsed).
+_UNCLEAN_JSON = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])|\x00|\xed[\xa0-\xbf]")
+
+
+def cleaned(msg: IngestMessage, body: bytes | None = None) -> IngestMessage:
+    """``msg`` made storable (_clean); ``body``: the JSON text it was parsed from.
+
+    A body says whether the message needs cleaning without serialising the
+    message again (5-10% of ingest's consumer thread, in cProfile and py-spy).
+    """
+    if body is not None and _UNCLEAN_JSON.search(body) is None:
+        return msg
+    return _cleaned(msg)
+
+
 def _cleaned(msg: IngestMessage) -> IngestMessage:
     # Most messages need no cleaning, and pydantic's JSON serialisation says so
     # cheaply: it fails on a lone surrogate and escapes NUL as \u0000 (a literal
@@ -657,13 +674,15 @@ def apply_messages(session: Session, msgs: Iterable[IngestMessage]) -> None:
 Prepared = list[_SealedBatches | IngestMessage]
 
 
-def prepare(msgs: Iterable[IngestMessage], dialect: str) -> Prepared:
+def prepare(msgs: Iterable[IngestMessage], dialect: str, clean: bool = False) -> Prepared:
     """The Python half of apply_messages (cleaning, hashing, rows, JSON), without
-    a session: ingest runs it for the next group while the last one commits."""
+    a session: ingest runs it for the next group while the last one commits.
+    clean: the messages went through ``cleaned`` already."""
     out: Prepared = []
     batches = _Batches()
     for msg in msgs:
-        msg = _cleaned(msg)
+        if not clean:
+            msg = _cleaned(msg)
         if isinstance(msg, ItemBatch):
             batches.add(msg)
             continue
