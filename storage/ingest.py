@@ -133,7 +133,7 @@ class _Delivery:
     error: str | None = None  # set: this message goes to bad_messages
     dead: DeadLetter | None = None  # from scrape.dead (parsed is then its verdict)
     received_at: datetime = field(default_factory=utcnow)
-    raw: bool = False  # parsed straight from the body's JSON bytes
+    raw: bool = False  # parsed straight from the body's JSON text
 
     @property
     def body_text(self) -> str:
@@ -301,7 +301,7 @@ class Ingest(ConsumerMixin):
             # way, for the error that names the cause.
             with contextlib.suppress(MessageError):
                 delivery.parsed = parse_ingest(message.body)
-                delivery.raw = isinstance(message.body, bytes)
+                delivery.raw = isinstance(message.body, str | bytes)
                 self._pending.append(delivery)
                 return
         try:

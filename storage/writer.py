@@ -139,17 +139,20 @@ def _clean(value: Any) -> Any:
 
 # What a JSON text holding a NUL or a lone surrogate has in it: the escape of one
 # (a surrogate pair's, or a literal backslash before u0000, only costs the slow
-# path), or the raw bytes of one (not valid JSON or UTF-8, so never parsed).
-_UNCLEAN_JSON = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])|\x00|\xed[\xa0-\xbf]")
+# path), or the raw character or bytes of one (not valid JSON or UTF-8).
+_UNCLEAN_JSON = re.compile(r"\\u(?:0000|[dD][89a-fA-F])|\x00|[\ud800-\udfff]")
+_UNCLEAN_JSON_BYTES = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])|\x00|\xed[\xa0-\xbf]")
 
 
-def cleaned(msg: IngestMessage, body: bytes | None = None) -> IngestMessage:
+def cleaned(msg: IngestMessage, body: str | bytes | None = None) -> IngestMessage:
     """``msg`` made storable (_clean); ``body``: the JSON text it was parsed from.
 
     A body says whether the message needs cleaning without serialising the
     message again (5-10% of ingest's consumer thread, in cProfile and py-spy).
     """
-    if body is not None and _UNCLEAN_JSON.search(body) is None:
+    if isinstance(body, str) and _UNCLEAN_JSON.search(body) is None:
+        return msg
+    if isinstance(body, bytes) and _UNCLEAN_JSON_BYTES.search(body) is None:
         return msg
     return _cleaned(msg)
 

@@ -635,6 +635,32 @@ def test_a_verdict_waits_for_the_contents_committed_on_the_other_connection(
         store.engine.dispose()
 
 
+def test_nul_characters_from_the_broker_are_stored_as_replacement_chars(
+    broker: str, pg_db: tuple[str, str]
+) -> None:
+    # Ingest decides from the body's JSON text whether a message needs cleaning
+    # (storage.writer.cleaned); PostgreSQL refuses a NUL it would let through.
+    url, _ = pg_db
+    ensure_schema(url)
+    batch = dump(
+        ItemBatch(
+            run_id="n1", site="shop", region="eu", seq=0, observed_at=at(2),
+            items=[ScrapedItem(key="k\x00", url="https://shop.example/", data={"t\x00": "a\x00b"})],
+            fetches=[Fetch(url="https://shop.example/", status=None, error="reset\x00")],
+        )
+    )  # fmt: skip
+    store = Store(url)
+    try:
+        with IngestThread(broker, url):
+            publish(broker, batch)
+            wait_for("the batch", lambda: len(store.observations()) == 1)
+        assert store.observations() == [("n1", "k\ufffd", {"t\ufffd": "a\ufffdb"})]
+        assert [f.error for f in store.fetches("n1")] == ["reset\ufffd"]
+        assert store.bad() == []
+    finally:
+        store.engine.dispose()
+
+
 def test_tune_gc_makes_the_ingest_process_collect_less_often() -> None:
     before = gc.get_threshold()
     try:
