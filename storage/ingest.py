@@ -296,7 +296,7 @@ class Ingest(ConsumerMixin):
     def _on_message(self, message: Message) -> None:
         delivery = _Delivery(message)
         if message.content_type == "application/json" and message.content_encoding == "utf-8":
-            # As published: validated straight from the body's bytes, without
+            # As published: validated straight from the body's JSON text, without
             # kombu's decode to a dict first. Anything it rejects takes the long
             # way, for the error that names the cause.
             with contextlib.suppress(MessageError):
