@@ -33,13 +33,12 @@ On PostgreSQL a group's ``contents`` and ``items`` rows are written in a
 transaction of their own, on a second connection, while the rest of the group
 is written (the server works on both at once); they commit first, so a run the
 group marks finished never shows without its items, nor an observation without
-its content. No other write of ingest references them (an observation names its
-content by hash, without a foreign key), and their inserts give the same rows in
-any order and any number of times, so the group is acked once both have
-committed, and a retry redoes only the part that did not commit. The one reader
-is a run's verdict (an `expect: coverage` check joins the run's observations
-with their contents): the main transaction waits for the side's commit before
-it applies one.
+its content. Their inserts give the same rows in any order and any number of
+times, so the group is acked once both have committed, and a retry redoes only
+the part that did not commit. Two writes of the main transaction need them and
+wait for the side's commit first: a run's verdict (an `expect: coverage` check
+joins the run's observations with their contents) and an extra sample's row (a
+foreign key to its content; an observation names its content without one).
 """
 
 from __future__ import annotations
@@ -503,11 +502,12 @@ class Ingest(ConsumerMixin):
         self, steps: list[_Step], side_rows: bool, side_committed: Callable[[], None]
     ) -> None:
         # A verdict (a RunFinished, a dead letter's) may read the group's contents
-        # (an `expect: coverage` check): the side commits before one is applied.
+        # (an `expect: coverage` check), and an extra sample's row references its
+        # content: the side commits before either is written.
         with self.sessions.begin() as session:
             for step in steps:
                 if not isinstance(step, _Delivery):
-                    apply_prepared(session, step, side_rows, before_finished=side_committed)
+                    apply_prepared(session, step, side_rows, side_committed)
                 elif step.parsed is not None and step.dead is not None:
                     side_committed()
                     apply_dead_letter(session, step.dead)

@@ -566,6 +566,10 @@ class _Batches:
         )
 
 
+def _noop() -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class _SealedBatches:
     """What _Batches.seal built: written in one go by ``write``."""
@@ -585,7 +589,9 @@ class _SealedBatches:
         self.contents.insert(session, _keep_first(contents.c.hash))
         self.items.insert(session, _item_upsert)
 
-    def write(self, session: Session, side_rows: bool = True) -> None:
+    def write(
+        self, session: Session, side_rows: bool = True, side_committed: Callable[[], None] = _noop
+    ) -> None:
         for run_id, msg in self.runs.items():
             _ensure_run(session, msg, "running")
             _raise_status(session, run_id, "running")
@@ -595,6 +601,8 @@ class _SealedBatches:
         self.observations.insert(session, _keep_first(observations.c.run_id, observations.c.key))
         if side_rows:
             self.items.insert(session, _item_upsert)
+        elif self.item_samples.chunks:
+            side_committed()  # an extra sample names its content by a foreign key
         self.item_samples.insert(
             session, _keep_first(item_samples.c.run_id, item_samples.c.sample, item_samples.c.key)
         )
@@ -702,24 +710,25 @@ def apply_prepared(
     session: Session,
     prepared: Prepared,
     side_rows: bool = True,
-    before_finished: Callable[[], None] | None = None,
+    side_committed: Callable[[], None] = _noop,
 ) -> None:
     """Write what prepare() built, in order; the caller commits.
 
     side_rows=False leaves out the item batches' ``contents`` and ``items`` rows,
     for apply_side_rows to write in another transaction: no write here references
-    them (an observation names its content by hash, without a foreign key), the
-    contents insert keeps the first row and the items upsert gives the same rows
-    in any order and any number of times. Only a RunFinished reads them (an
-    `expect: coverage` check joins the run's observations with their contents):
-    ``before_finished`` is called before one is applied, to make them visible first.
+    them but an extra sample (an observation names its content by hash, without a
+    foreign key), the contents insert keeps the first row and the items upsert
+    gives the same rows in any order and any number of times. A RunFinished reads
+    them (an `expect: coverage` check joins the run's observations with their
+    contents) and an extra sample's row references its content:
+    ``side_committed`` is called before either is written, to make them visible.
     """
     for step in prepared:
         if isinstance(step, _SealedBatches):
-            step.write(session, side_rows)
+            step.write(session, side_rows, side_committed)
         else:
-            if before_finished is not None and isinstance(step, RunFinished):
-                before_finished()
+            if isinstance(step, RunFinished):
+                side_committed()
             _apply_one(session, step)
 
 

@@ -669,3 +669,58 @@ def test_tune_gc_makes_the_ingest_process_collect_less_often() -> None:
         assert GC_THRESHOLDS[0] > before[0]  # fewer young collections than the default
     finally:
         gc.set_threshold(*before)
+
+
+def test_extra_samples_name_contents_the_other_connection_commits(
+    broker: str, pg_db: tuple[str, str]
+) -> None:
+    """An extra sample's row names its content by a foreign key (an observation's
+    does not): its insert must not run ahead of the contents on the other
+    connection, even when that connection is slow."""
+    from storage.models import Content, ItemSample
+
+    url, name = pg_db
+    ensure_schema(url)
+    queued, started, _, _, _ = run_messages("s1")
+    sampled = dump(
+        ItemBatch(
+            run_id="s1", site="shop", region="eu", seq=0, observed_at=at(2),
+            items=[
+                ScrapedItem(key="a", url="https://shop.example/a", data={"price": 10}),
+                ScrapedItem(key="a", url="https://shop.example/a", data={"price": 12}, sample=1),
+            ],
+        )
+    )  # fmt: skip
+    finished = dump(
+        RunFinished(
+            run_id="s1", site="shop", region="eu", status="succeeded", finished_at=at(4),
+            stats=STATS,
+        )
+    )  # fmt: skip
+    store = Store(url)
+    try:
+        with IngestThread(broker, url):
+            publish(broker, queued, started)
+            wait_for("the run", lambda: getattr(store.run("s1"), "status", None) == "running")
+            with gated(name, "contents") as (gate, contents_wait):
+                publish(broker, sampled, finished)
+                wait_for("the contents insert to wait", contents_wait)
+                wait_for(
+                    "the rest of the group to wait for it",
+                    lambda: one_backend(name, "state = 'idle in transaction'"),
+                )
+                gate.execute("SELECT pg_advisory_unlock(4242)")
+                wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
+        assert store.bad() == []
+        run = store.run("s1")
+        assert run is not None and run.status == "succeeded", run
+        with store.sessions() as s:
+            samples = [
+                (row.sample, row.key, content.data)
+                for row, content in s.query(ItemSample, Content).join(
+                    Content, Content.hash == ItemSample.content_hash
+                )
+            ]
+        assert samples == [(1, "a", {"price": 12})]
+    finally:
+        store.engine.dispose()
