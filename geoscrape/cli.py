@@ -208,9 +208,10 @@ def ingest() -> None:
 
     from regions.app import job_publisher
     from regions.bus import broker_url, check_broker
-    from storage.ingest import run_ingest
+    from storage.ingest import run_ingest, tune_gc
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    tune_gc()
     check_broker()
     url = database_url()
     err.print(f"ingest: writing to {output.redact_db(url)}", highlight=False)

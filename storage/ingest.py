@@ -29,18 +29,22 @@ with the writer (one committing, one ready), and the prefetch is two groups,
 so the broker delivers the next group as soon as one is acked. A partial group
 goes to the writer only when it is idle, so under load groups fill up.
 
-On PostgreSQL a group's ``items`` rows are written in a transaction of their
-own, on a second connection, while the rest of the group is written (the
-server works on both at once); they commit first, so a run the group marks
-finished never shows without its items. No other write of ingest reads or
-references them, and their upsert gives the same rows in any order and any
-number of times, so the group is acked once both have committed, and a retry
-redoes only the part that did not commit.
+On PostgreSQL a group's ``contents`` and ``items`` rows are written in a
+transaction of their own, on a second connection, while the rest of the group
+is written (the server works on both at once); they commit first, so a run the
+group marks finished never shows without its items, nor an observation without
+its content. Their inserts give the same rows in any order and any number of
+times, so the group is acked once both have committed, and a retry redoes only
+the part that did not commit. Two writes of the main transaction need them and
+wait for the side's commit first: a run's verdict (an `expect: coverage` check
+joins the run's observations with their contents) and an extra sample's row (a
+foreign key to its content; an observation names its content without one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import queue
 import threading
@@ -72,9 +76,10 @@ from storage.reaper import PublishJob, Reaper, lease_settings
 from storage.writer import IngestMessage as StoredMessage
 from storage.writer import (
     Prepared,
-    apply_items,
     apply_prepared,
-    has_items,
+    apply_side_rows,
+    cleaned,
+    has_side_rows,
     prepare,
     record_bad_message,
     release_run,
@@ -82,8 +87,12 @@ from storage.writer import (
 
 log = logging.getLogger("geoscrape.ingest")
 
-PREFETCH_COUNT = 200
 GROUP_SIZE = 100
+# Four groups: while one commits and the next waits ready, the two after it are
+# already received (and parsed), so the writer never waits on the broker. With
+# two groups the next one only started to arrive when a group was acked, and the
+# writer idled a fifth of the time (py-spy, docs/PERFORMANCE.md).
+PREFETCH_COUNT = 4 * GROUP_SIZE
 # How long to wait for more messages before committing a partial group. Prefetched
 # messages arrive well within it; a longer wait only held back the commit of a
 # burst's last message (50 ms of a one-page job's ~90 ms, docs/PERFORMANCE.md).
@@ -99,6 +108,19 @@ ACK_POLL = 0.002
 OUTAGE_POLL = 0.25
 
 
+# The garbage collector's generation thresholds in the ingest process (the
+# default is (700, 10, 10)). Parsing and building a group allocates some 40
+# objects per item, none of them in reference cycles, so with the default the
+# collector ran hundreds of times per group, full collections among them: ~40%
+# of the consumer's CPU.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Collect garbage far less often: for the `geoscrape ingest` process."""
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 class _StopRequested(Exception):
     """should_stop became true while waiting for the broker."""
 
@@ -110,6 +132,7 @@ class _Delivery:
     error: str | None = None  # set: this message goes to bad_messages
     dead: DeadLetter | None = None  # from scrape.dead (parsed is then its verdict)
     received_at: datetime = field(default_factory=utcnow)
+    raw: bool = False  # parsed straight from the body's JSON text
 
     @property
     def body_text(self) -> str:
@@ -147,9 +170,10 @@ class _Group:
 
     deliveries: list[_Delivery]
     steps: list[_Step] | None = None  # None: build them when writing
-    # Committed so far: everything but the items rows / the items rows (PostgreSQL).
+    # Committed so far: everything but the contents and items rows / those rows
+    # (PostgreSQL).
     main_done: bool = False
-    items_done: bool = False
+    side_done: bool = False
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -212,7 +236,7 @@ class Ingest(ConsumerMixin):
         self._backing_off = False  # the writer waits out a database error
         self._stopping = threading.Event()  # wakes the writer from a backoff
         self._writer_error: BaseException | None = None
-        self._items = ThreadPoolExecutor(1, thread_name_prefix="ingest-items")
+        self._side = ThreadPoolExecutor(1, thread_name_prefix="ingest-side")
 
     # -- stopping ------------------------------------------------------------
 
@@ -271,11 +295,12 @@ class Ingest(ConsumerMixin):
     def _on_message(self, message: Message) -> None:
         delivery = _Delivery(message)
         if message.content_type == "application/json" and message.content_encoding == "utf-8":
-            # As published: validated straight from the body's bytes, without
+            # As published: validated straight from the body's JSON text, without
             # kombu's decode to a dict first. Anything it rejects takes the long
             # way, for the error that names the cause.
             with contextlib.suppress(MessageError):
                 delivery.parsed = parse_ingest(message.body)
+                delivery.raw = isinstance(message.body, str | bytes)
                 self._pending.append(delivery)
                 return
         try:
@@ -303,7 +328,7 @@ class Ingest(ConsumerMixin):
             self.stop()  # also when an error ends the run: the writer gives up its retries
             self._todo.put(None)
             writer.join()
-            self._items.shutdown()
+            self._side.shutdown()
         log.info("ingest stopped")
 
     def consume(
@@ -432,65 +457,70 @@ class Ingest(ConsumerMixin):
         run: list[StoredMessage] = []
         for d in deliveries:
             if (msg := d.stored) is not None:
-                run.append(msg)
+                run.append(cleaned(msg, d.message.body if d.raw else None))
                 continue
             if run:
-                steps.append(prepare(run, self._dialect))
+                steps.append(prepare(run, self._dialect, clean=True))
                 run = []
             steps.append(d)
         if run:
-            steps.append(prepare(run, self._dialect))
+            steps.append(prepare(run, self._dialect, clean=True))
         return steps
 
     def _write(self, group: _Group) -> None:
         if group.steps is None:
             group.steps = self._steps(group.deliveries)
         prepared = [step for step in group.steps if not isinstance(step, _Delivery)]
-        apart = self._dialect == "postgresql" and any(has_items(p) for p in prepared)
+        apart = self._dialect == "postgresql" and any(has_side_rows(p) for p in prepared)
         side = None
-        if apart and not group.items_done:
-            side = self._items.submit(self._write_items, prepared)
+        if apart and not group.side_done:
+            side = self._side.submit(self._write_side, prepared)
 
-        def items_committed() -> None:
-            if side is not None and not group.items_done:
+        def side_committed() -> None:
+            if side is not None and not group.side_done:
                 side.result()
-                group.items_done = True
+                group.side_done = True
 
         error: Exception | None = None
         try:
             if not group.main_done:
-                # The items commit first: a run this transaction marks finished is
-                # never visible before its items are.
-                self._write_main(group.steps, items=not apart, before_commit=items_committed)
+                # The contents and items commit first: a run this transaction marks
+                # finished is never visible before its items are, nor an
+                # observation before its content.
+                self._write_main(group.steps, side_rows=not apart, side_committed=side_committed)
                 group.main_done = True
         except Exception as exc:
             error = exc
         try:
-            items_committed()  # also when the main part failed: never two at once
+            side_committed()  # also when the main part failed: never two at once
         except Exception as exc:
             error = error or exc
         if error is not None:
             raise error
 
     def _write_main(
-        self, steps: list[_Step], items: bool, before_commit: Callable[[], None]
+        self, steps: list[_Step], side_rows: bool, side_committed: Callable[[], None]
     ) -> None:
+        # A verdict (a RunFinished, a dead letter's) may read the group's contents
+        # (an `expect: coverage` check), and an extra sample's row references its
+        # content: the side commits before either is written.
         with self.sessions.begin() as session:
             for step in steps:
                 if not isinstance(step, _Delivery):
-                    apply_prepared(session, step, items)
+                    apply_prepared(session, step, side_rows, side_committed)
                 elif step.parsed is not None and step.dead is not None:
+                    side_committed()
                     apply_dead_letter(session, step.dead)
                 elif isinstance(step.parsed, RunReleased):
                     self._release(session, step.parsed)
                 else:
                     record_bad_message(session, step.body_text, step.error or "", step.received_at)
-            before_commit()
+            side_committed()
 
-    def _write_items(self, prepared: list[Prepared]) -> None:
+    def _write_side(self, prepared: list[Prepared]) -> None:
         with self.sessions.begin() as session:
             for p in prepared:
-                apply_items(session, p)
+                apply_side_rows(session, p)
 
     def _release(self, session: Session, msg: RunReleased) -> None:
         """Requeue a run its worker handed back; published inside the transaction,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -21,6 +22,7 @@ from regions.bus import INGEST_EXCHANGE, INGEST_QUEUE, INGEST_ROUTING_KEY, conne
 from regions.messages import (
     Fetch,
     ItemBatch,
+    Job,
     RunFinished,
     RunQueued,
     RunStarted,
@@ -28,8 +30,9 @@ from regions.messages import (
     ScrapedItem,
     dump,
 )
+from scheduler.loader import parse_config
 from storage.db import make_engine, session_factory
-from storage.ingest import run_ingest
+from storage.ingest import GC_THRESHOLDS, run_ingest, tune_gc
 from storage.migrate import ensure_schema
 from storage.models import BadMessage, Observation
 from storage.queries import FetchRow, ItemRow, RunRow, get_runs, list_fetches, list_items
@@ -568,5 +571,156 @@ def test_items_commit_on_their_own_connection_first_and_the_group_is_acked_after
         run = store.run("i1")
         assert run is not None and run.status == "succeeded"
         assert store.bad() == []
+    finally:
+        store.engine.dispose()
+
+
+COVERED_SITE = """\
+regions:
+  eu: {}
+sites:
+  - name: shop
+    start_urls: ["https://shop.example/"]
+    regions: [eu]
+    extract:
+      fields:
+        price: {css: ".price::text", type: price}
+    expect: {coverage: {price: 90%}}
+"""
+
+
+def test_a_verdict_waits_for_the_contents_committed_on_the_other_connection(
+    broker: str, pg_db: tuple[str, str]
+) -> None:
+    # The contents go with the items, on the second connection; a RunFinished
+    # checking `expect: coverage` joins the run's observations with their contents,
+    # so it must see them: had it been applied first, it would find 0 of 0 items
+    # with a price and degrade the run.
+    url, name = pg_db
+    ensure_schema(url)
+    site = parse_config(COVERED_SITE, "sites.yaml", env={}).resolved_site("shop")
+    queued, started, batch0, batch1, finished = run_messages("v1")
+    queued = dump(
+        RunQueued(
+            run_id="v1", site="shop", region="eu", trigger="manual", tick=None,
+            queued_at=at(0), job=Job(run_id="v1", site="shop", region="eu", config=site),
+        )
+    )  # fmt: skip
+    store = Store(url)
+
+    def main_waits_for_the_side() -> bool:
+        return one_backend(name, "state = 'idle in transaction'")
+
+    try:
+        with IngestThread(broker, url):
+            publish(broker, queued, started)
+            wait_for("the run", lambda: getattr(store.run("v1"), "status", None) == "running")
+            with gated(name, "contents") as (gate, contents_wait):
+                # However the broker groups these, the verdict waits for the contents.
+                publish(broker, batch0, batch1, finished)
+                wait_for("the contents insert to wait", contents_wait)
+                wait_for("the rest of the group to wait for it", main_waits_for_the_side)
+                assert store.observations() == []
+                run = store.run("v1")
+                assert run is not None and run.status == "running"
+                gate.execute("SELECT pg_advisory_unlock(4242)")
+                wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
+        run = store.run("v1")
+        assert run is not None
+        assert run.status == "succeeded", run.error
+        assert [o[1] for o in store.observations()] == ["a", "b", "c"]
+        assert len(store.items("shop")) == 3
+        assert store.bad() == []
+    finally:
+        store.engine.dispose()
+
+
+def test_nul_characters_from_the_broker_are_stored_as_replacement_chars(
+    broker: str, pg_db: tuple[str, str]
+) -> None:
+    # Ingest decides from the body's JSON text whether a message needs cleaning
+    # (storage.writer.cleaned); PostgreSQL refuses a NUL it would let through.
+    url, _ = pg_db
+    ensure_schema(url)
+    batch = dump(
+        ItemBatch(
+            run_id="n1", site="shop", region="eu", seq=0, observed_at=at(2),
+            items=[ScrapedItem(key="k\x00", url="https://shop.example/", data={"t\x00": "a\x00b"})],
+            fetches=[Fetch(url="https://shop.example/", status=None, error="reset\x00")],
+        )
+    )  # fmt: skip
+    store = Store(url)
+    try:
+        with IngestThread(broker, url):
+            publish(broker, batch)
+            wait_for("the batch", lambda: len(store.observations()) == 1)
+        assert store.observations() == [("n1", "k\ufffd", {"t\ufffd": "a\ufffdb"})]
+        assert [f.error for f in store.fetches("n1")] == ["reset\ufffd"]
+        assert store.bad() == []
+    finally:
+        store.engine.dispose()
+
+
+def test_tune_gc_makes_the_ingest_process_collect_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] > before[0]  # fewer young collections than the default
+    finally:
+        gc.set_threshold(*before)
+
+
+def test_extra_samples_name_contents_the_other_connection_commits(
+    broker: str, pg_db: tuple[str, str]
+) -> None:
+    """An extra sample's row names its content by a foreign key (an observation's
+    does not): its insert must not run ahead of the contents on the other
+    connection, even when that connection is slow."""
+    from storage.models import Content, ItemSample
+
+    url, name = pg_db
+    ensure_schema(url)
+    queued, started, _, _, _ = run_messages("s1")
+    sampled = dump(
+        ItemBatch(
+            run_id="s1", site="shop", region="eu", seq=0, observed_at=at(2),
+            items=[
+                ScrapedItem(key="a", url="https://shop.example/a", data={"price": 10}),
+                ScrapedItem(key="a", url="https://shop.example/a", data={"price": 12}, sample=1),
+            ],
+        )
+    )  # fmt: skip
+    finished = dump(
+        RunFinished(
+            run_id="s1", site="shop", region="eu", status="succeeded", finished_at=at(4),
+            stats=STATS,
+        )
+    )  # fmt: skip
+    store = Store(url)
+    try:
+        with IngestThread(broker, url):
+            publish(broker, queued, started)
+            wait_for("the run", lambda: getattr(store.run("s1"), "status", None) == "running")
+            with gated(name, "contents") as (gate, contents_wait):
+                publish(broker, sampled, finished)
+                wait_for("the contents insert to wait", contents_wait)
+                wait_for(
+                    "the rest of the group to wait for it",
+                    lambda: one_backend(name, "state = 'idle in transaction'"),
+                )
+                gate.execute("SELECT pg_advisory_unlock(4242)")
+                wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
+        assert store.bad() == []
+        run = store.run("s1")
+        assert run is not None and run.status == "succeeded", run
+        with store.sessions() as s:
+            samples = [
+                (row.sample, row.key, content.data)
+                for row, content in s.query(ItemSample, Content).join(
+                    Content, Content.hash == ItemSample.content_hash
+                )
+            ]
+        assert samples == [(1, "a", {"price": 12})]
     finally:
         store.engine.dispose()

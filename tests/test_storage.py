@@ -5,6 +5,7 @@ Every test taking ``db_url`` runs on SQLite and on a fresh PostgreSQL database.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from regions.messages import (
     Fetch,
     ItemBatch,
+    MessageError,
     RunFinished,
     RunProgress,
     RunQueued,
@@ -27,7 +29,9 @@ from regions.messages import (
     RunStats,
     ScrapedItem,
     cancelled_run,
+    parse_ingest,
 )
+from regions.messages import dump as dump_message
 from storage.db import database_url, make_engine, normalize_url, session_factory
 from storage.errors import SchemaError, StorageError, UnsupportedDatabaseError
 from storage.migrate import current_revision, downgrade, ensure_schema, head_revision, upgrade
@@ -41,7 +45,13 @@ from storage.queries import (
     list_items,
     list_runs,
 )
-from storage.writer import IngestMessage, apply_message, apply_messages, record_bad_message
+from storage.writer import (
+    IngestMessage,
+    apply_message,
+    apply_messages,
+    cleaned,
+    record_bad_message,
+)
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 TABLES = (runs, items, observations, contents, fetches, bad_messages)
@@ -738,6 +748,37 @@ def test_nul_and_lone_surrogates_are_stored_as_replacement_chars(
     assert (item.key, item.data) == ("k\ufffd", {"t\ufffd": ["a\ufffdb", "c\ufffd"]})
     with sessions() as session:
         assert [f.error for f in list_fetches(session, "r1")] == ["reset\ufffd"]
+
+
+@pytest.mark.parametrize(
+    "value", ["plain", "a\x00b", "c\ud800", "\U0001f600 pair", "a literal \\u0000", "\u00e9"]
+)
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_cleaned_from_the_body_equals_cleaning_the_message(value: str, ensure_ascii: bool) -> None:
+    # Ingest passes the JSON a message was parsed from, which says more cheaply
+    # whether it needs cleaning; the result must be the same either way.
+    msg = ItemBatch(
+        run_id="r1",
+        site="shop",
+        region="eu",
+        seq=0,
+        observed_at=T0,
+        items=[ScrapedItem(key=f"k{value}", url="https://x/", data={value: [value]})],
+        fetches=[Fetch(url="https://x/", status=None, error=value)],
+    )
+    as_json = json.dumps(dump_message(msg), ensure_ascii=ensure_ascii)
+    body = as_json.encode("utf-8", "surrogatepass")  # a lone surrogate's raw bytes, too
+    try:
+        parsed = parse_ingest(body)
+    except MessageError:
+        parsed = msg  # not JSON that parses (a lone surrogate): ingest decodes it first
+    assert isinstance(parsed, ItemBatch)
+    expected = cleaned(parsed).model_dump()
+    assert cleaned(parsed, body).model_dump() == expected
+    # py-amqp hands ingest a UTF-8 body as text
+    assert cleaned(parsed, as_json).model_dump() == expected
+    if "\x00" in value or "\ud800" in value:
+        assert "\ufffd" in repr(expected)
 
 
 def test_timestamps_come_back_aware_utc(sessions: sessionmaker[Session]) -> None:
