@@ -23,9 +23,10 @@ lint: $(VENV)/.installed
 
 # Most tests wait on processes and services, so 4 workers overlap their waits
 # on 2 cores; every test makes its own vhost, database, Redis prefix and ports.
-# The tests that count requests per second at a site (marked `timing`) run
-# after them, alone: on a machine the other workers keep busy, a request held
-# up on its way from its slot to the socket lands in the next second.
+# The tests that count requests per second at a site, and the beat's, which
+# bound when a tick fires (marked `timing`), run after them, alone: on a machine
+# the other workers keep busy, a request held up on its way from its slot to the
+# socket lands in the next second, and a tick or its store write comes late.
 # `pytest` alone (one file, one test) runs in one process.
 PYTEST_WORKERS ?= 4
 

@@ -15,7 +15,7 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,10 @@ from kombu import Connection
 from regions.bus import declare_topology, queue_depth
 from tests.harness import Stack, stack, wait_until
 
-pytestmark = pytest.mark.slow
+# timing: these tests bound when a tick fires, fails over or reaches the store
+# (within 1.5 s, 10 s, 3 s...); two CI runs with 4 test workers and image builds
+# on 2 cores each broke a different one, so `make test` runs them alone.
+pytestmark = [pytest.mark.slow, pytest.mark.timing]
 
 HEADER = """\
 regions:
@@ -330,6 +333,9 @@ def shop_runs(s: Stack) -> list:
         return list_runs(session, site="shop", limit=500)
 
 
+STORE_LAG = timedelta(seconds=3)
+
+
 def test_a_tick_while_the_previous_run_is_still_running_is_recorded_as_skipped(
     tmp_path: Path, vhost_url: str, sqlite_url: str, redis_prefix: str
 ) -> None:
@@ -368,7 +374,10 @@ def test_a_tick_while_the_previous_run_is_still_running_is_recorded_as_skipped(
         blocker = by_id[re.search(r"run (\S+) of an earlier tick", run.error or "").group(1)]
         tick = datetime.fromisoformat(run.tick.split("@")[1].replace("Z", "+00:00"))
         assert blocker.tick < run.tick
-        assert blocker.finished_at is None or blocker.finished_at > tick
+        # The beat knows what the store knows: a worker's finish reaches it over the
+        # bus and ingest, on a loaded machine (CI: 4 test workers and image builds
+        # on 2 cores) up to a few seconds after the worker's clock says it ended.
+        assert blocker.finished_at is None or blocker.finished_at > tick - STORE_LAG
     for run in crawled:
         assert run.stats["pages"] == 4
         assert (run.finished_at - run.started_at).total_seconds() > 2  # it did overlap a tick
