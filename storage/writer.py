@@ -585,7 +585,7 @@ class _SealedBatches:
     bodies: list[dict[str, Any]]
 
     def write_side_rows(self, session: Session) -> None:
-        """The contents and items rows: nothing else written here references them."""
+        """The contents and items rows, which ingest may write on a second connection."""
         self.contents.insert(session, _keep_first(contents.c.hash))
         self.items.insert(session, _item_upsert)
 
@@ -597,12 +597,10 @@ class _SealedBatches:
             _raise_status(session, run_id, "running")
             _renew_lease(session, run_id, self.leases[run_id])
         if side_rows:
-            self.contents.insert(session, _keep_first(contents.c.hash))
-        self.observations.insert(session, _keep_first(observations.c.run_id, observations.c.key))
-        if side_rows:
-            self.items.insert(session, _item_upsert)
+            self.write_side_rows(session)
         elif self.item_samples.chunks:
             side_committed()  # an extra sample names its content by a foreign key
+        self.observations.insert(session, _keep_first(observations.c.run_id, observations.c.key))
         self.item_samples.insert(
             session, _keep_first(item_samples.c.run_id, item_samples.c.sample, item_samples.c.key)
         )

@@ -494,6 +494,16 @@ def one_backend(name: str, condition: str) -> bool:
         return row is not None and row[0] == 1
 
 
+@pytest.fixture
+def pg_store(pg_db: tuple[str, str]) -> Iterator[tuple[str, str, Store]]:
+    """A fresh PostgreSQL database at the schema's head: (url, name, Store)."""
+    url, name = pg_db
+    ensure_schema(url)
+    store = Store(url)
+    yield url, name, store
+    store.engine.dispose()
+
+
 def test_writer_thread_acks_only_after_commit_and_a_stop_leaves_the_rest_unacked(
     broker: str, pg_db: tuple[str, str]
 ) -> None:
@@ -539,40 +549,35 @@ def test_writer_thread_acks_only_after_commit_and_a_stop_leaves_the_rest_unacked
 
 
 def test_items_commit_on_their_own_connection_first_and_the_group_is_acked_after_both(
-    broker: str, pg_db: tuple[str, str]
+    broker: str, pg_store: tuple[str, str, Store]
 ) -> None:
-    url, name = pg_db
-    ensure_schema(url)
+    url, name, store = pg_store
     queued, started, batch0, batch1, finished = run_messages("i1")
-    store = Store(url)
 
     def rest_waits_for_items() -> bool:
         # The rest of a group is written and its transaction waits, uncommitted.
         return one_backend(name, "state = 'idle in transaction'")
 
-    try:
-        with IngestThread(broker, url):
-            publish(broker, queued, started, batch0)
-            wait_for("the first batch", lambda: len(store.items("shop")) == 2)
-            with gated(name, "items") as (gate, items_wait):
-                # However the broker groups these two, the run's end waits for c's item.
-                publish(broker, batch1, finished)
-                wait_for("the items insert to wait", items_wait)
-                wait_for("the rest of its group to wait for the items", rest_waits_for_items)
-                assert [o[1] for o in store.observations()] == ["a", "b"]
-                run = store.run("i1")
-                assert run is not None and run.status == "running"
-                ready, unacked = queue_counts(broker)
-                assert ready + unacked == 2 and unacked >= 1
-                gate.execute("SELECT pg_advisory_unlock(4242)")
-                wait_for("the items", lambda: len(store.items("shop")) == 3)
-                wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
-        assert [o[1] for o in store.observations()] == ["a", "b", "c"]
-        run = store.run("i1")
-        assert run is not None and run.status == "succeeded"
-        assert store.bad() == []
-    finally:
-        store.engine.dispose()
+    with IngestThread(broker, url):
+        publish(broker, queued, started, batch0)
+        wait_for("the first batch", lambda: len(store.items("shop")) == 2)
+        with gated(name, "items") as (gate, items_wait):
+            # However the broker groups these two, the run's end waits for c's item.
+            publish(broker, batch1, finished)
+            wait_for("the items insert to wait", items_wait)
+            wait_for("the rest of its group to wait for the items", rest_waits_for_items)
+            assert [o[1] for o in store.observations()] == ["a", "b"]
+            run = store.run("i1")
+            assert run is not None and run.status == "running"
+            ready, unacked = queue_counts(broker)
+            assert ready + unacked == 2 and unacked >= 1
+            gate.execute("SELECT pg_advisory_unlock(4242)")
+            wait_for("the items", lambda: len(store.items("shop")) == 3)
+            wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
+    assert [o[1] for o in store.observations()] == ["a", "b", "c"]
+    run = store.run("i1")
+    assert run is not None and run.status == "succeeded"
+    assert store.bad() == []
 
 
 COVERED_SITE = """\
@@ -590,14 +595,13 @@ sites:
 
 
 def test_a_verdict_waits_for_the_contents_committed_on_the_other_connection(
-    broker: str, pg_db: tuple[str, str]
+    broker: str, pg_store: tuple[str, str, Store]
 ) -> None:
     # The contents go with the items, on the second connection; a RunFinished
     # checking `expect: coverage` joins the run's observations with their contents,
     # so it must see them: had it been applied first, it would find 0 of 0 items
     # with a price and degrade the run.
-    url, name = pg_db
-    ensure_schema(url)
+    url, name, store = pg_store
     site = parse_config(COVERED_SITE, "sites.yaml", env={}).resolved_site("shop")
     queued, started, batch0, batch1, finished = run_messages("v1")
     queued = dump(
@@ -606,42 +610,37 @@ def test_a_verdict_waits_for_the_contents_committed_on_the_other_connection(
             queued_at=at(0), job=Job(run_id="v1", site="shop", region="eu", config=site),
         )
     )  # fmt: skip
-    store = Store(url)
 
     def main_waits_for_the_side() -> bool:
         return one_backend(name, "state = 'idle in transaction'")
 
-    try:
-        with IngestThread(broker, url):
-            publish(broker, queued, started)
-            wait_for("the run", lambda: getattr(store.run("v1"), "status", None) == "running")
-            with gated(name, "contents") as (gate, contents_wait):
-                # However the broker groups these, the verdict waits for the contents.
-                publish(broker, batch0, batch1, finished)
-                wait_for("the contents insert to wait", contents_wait)
-                wait_for("the rest of the group to wait for it", main_waits_for_the_side)
-                assert store.observations() == []
-                run = store.run("v1")
-                assert run is not None and run.status == "running"
-                gate.execute("SELECT pg_advisory_unlock(4242)")
-                wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
-        run = store.run("v1")
-        assert run is not None
-        assert run.status == "succeeded", run.error
-        assert [o[1] for o in store.observations()] == ["a", "b", "c"]
-        assert len(store.items("shop")) == 3
-        assert store.bad() == []
-    finally:
-        store.engine.dispose()
+    with IngestThread(broker, url):
+        publish(broker, queued, started)
+        wait_for("the run", lambda: getattr(store.run("v1"), "status", None) == "running")
+        with gated(name, "contents") as (gate, contents_wait):
+            # However the broker groups these, the verdict waits for the contents.
+            publish(broker, batch0, batch1, finished)
+            wait_for("the contents insert to wait", contents_wait)
+            wait_for("the rest of the group to wait for it", main_waits_for_the_side)
+            assert store.observations() == []
+            run = store.run("v1")
+            assert run is not None and run.status == "running"
+            gate.execute("SELECT pg_advisory_unlock(4242)")
+            wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
+    run = store.run("v1")
+    assert run is not None
+    assert run.status == "succeeded", run.error
+    assert [o[1] for o in store.observations()] == ["a", "b", "c"]
+    assert len(store.items("shop")) == 3
+    assert store.bad() == []
 
 
 def test_nul_characters_from_the_broker_are_stored_as_replacement_chars(
-    broker: str, pg_db: tuple[str, str]
+    broker: str, pg_store: tuple[str, str, Store]
 ) -> None:
     # Ingest decides from the body's JSON text whether a message needs cleaning
     # (storage.writer.cleaned); PostgreSQL refuses a NUL it would let through.
-    url, _ = pg_db
-    ensure_schema(url)
+    url, _, store = pg_store
     batch = dump(
         ItemBatch(
             run_id="n1", site="shop", region="eu", seq=0, observed_at=at(2),
@@ -649,16 +648,12 @@ def test_nul_characters_from_the_broker_are_stored_as_replacement_chars(
             fetches=[Fetch(url="https://shop.example/", status=None, error="reset\x00")],
         )
     )  # fmt: skip
-    store = Store(url)
-    try:
-        with IngestThread(broker, url):
-            publish(broker, batch)
-            wait_for("the batch", lambda: len(store.observations()) == 1)
-        assert store.observations() == [("n1", "k\ufffd", {"t\ufffd": "a\ufffdb"})]
-        assert [f.error for f in store.fetches("n1")] == ["reset\ufffd"]
-        assert store.bad() == []
-    finally:
-        store.engine.dispose()
+    with IngestThread(broker, url):
+        publish(broker, batch)
+        wait_for("the batch", lambda: len(store.observations()) == 1)
+    assert store.observations() == [("n1", "k\ufffd", {"t\ufffd": "a\ufffdb"})]
+    assert [f.error for f in store.fetches("n1")] == ["reset\ufffd"]
+    assert store.bad() == []
 
 
 def test_tune_gc_makes_the_ingest_process_collect_less_often() -> None:
@@ -672,15 +667,14 @@ def test_tune_gc_makes_the_ingest_process_collect_less_often() -> None:
 
 
 def test_extra_samples_name_contents_the_other_connection_commits(
-    broker: str, pg_db: tuple[str, str]
+    broker: str, pg_store: tuple[str, str, Store]
 ) -> None:
     """An extra sample's row names its content by a foreign key (an observation's
     does not): its insert must not run ahead of the contents on the other
     connection, even when that connection is slow."""
     from storage.models import Content, ItemSample
 
-    url, name = pg_db
-    ensure_schema(url)
+    url, name, store = pg_store
     queued, started, _, _, _ = run_messages("s1")
     sampled = dump(
         ItemBatch(
@@ -697,30 +691,26 @@ def test_extra_samples_name_contents_the_other_connection_commits(
             stats=STATS,
         )
     )  # fmt: skip
-    store = Store(url)
-    try:
-        with IngestThread(broker, url):
-            publish(broker, queued, started)
-            wait_for("the run", lambda: getattr(store.run("s1"), "status", None) == "running")
-            with gated(name, "contents") as (gate, contents_wait):
-                publish(broker, sampled, finished)
-                wait_for("the contents insert to wait", contents_wait)
-                wait_for(
-                    "the rest of the group to wait for it",
-                    lambda: one_backend(name, "state = 'idle in transaction'"),
-                )
-                gate.execute("SELECT pg_advisory_unlock(4242)")
-                wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
-        assert store.bad() == []
-        run = store.run("s1")
-        assert run is not None and run.status == "succeeded", run
-        with store.sessions() as s:
-            samples = [
-                (row.sample, row.key, content.data)
-                for row, content in s.query(ItemSample, Content).join(
-                    Content, Content.hash == ItemSample.content_hash
-                )
-            ]
-        assert samples == [(1, "a", {"price": 12})]
-    finally:
-        store.engine.dispose()
+    with IngestThread(broker, url):
+        publish(broker, queued, started)
+        wait_for("the run", lambda: getattr(store.run("s1"), "status", None) == "running")
+        with gated(name, "contents") as (gate, contents_wait):
+            publish(broker, sampled, finished)
+            wait_for("the contents insert to wait", contents_wait)
+            wait_for(
+                "the rest of the group to wait for it",
+                lambda: one_backend(name, "state = 'idle in transaction'"),
+            )
+            gate.execute("SELECT pg_advisory_unlock(4242)")
+            wait_for("the acks", lambda: queue_counts(broker) == (0, 0))
+    assert store.bad() == []
+    run = store.run("s1")
+    assert run is not None and run.status == "succeeded", run
+    with store.sessions() as s:
+        samples = [
+            (row.sample, row.key, content.data)
+            for row, content in s.query(ItemSample, Content).join(
+                Content, Content.hash == ItemSample.content_hash
+            )
+        ]
+    assert samples == [(1, "a", {"price": 12})]

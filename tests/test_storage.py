@@ -710,18 +710,20 @@ def test_final_state_does_not_depend_on_arrival_order(sessions: sessionmaker[Ses
         assert _normalised_state(sessions, f"s{i}") == reference, f"order {i}"
 
 
+def r1_batch(items: list[ScrapedItem], fetches: list[Fetch]) -> ItemBatch:
+    """Run r1's first batch of shop in eu, at T0."""
+    return ItemBatch(
+        run_id="r1", site="shop", region="eu", seq=0, observed_at=T0, items=items, fetches=fetches
+    )
+
+
 def test_duplicate_keys_in_one_batch_keep_the_first(sessions: sessionmaker[Session]) -> None:
-    msg = ItemBatch(
-        run_id="r1",
-        site="shop",
-        region="eu",
-        seq=0,
-        observed_at=T0,
-        items=[
+    msg = r1_batch(
+        [
             ScrapedItem(key="a", url="https://x/1", data={"n": 1}),
             ScrapedItem(key="a", url="https://x/2", data={"n": 2}),
         ],
-        fetches=[Fetch(url="https://x/1", status=200), Fetch(url="https://x/1", status=500)],
+        [Fetch(url="https://x/1", status=200), Fetch(url="https://x/1", status=500)],
     )
     apply(sessions, msg)
     assert [(i.url, i.data) for i in item_rows(sessions)] == [("https://x/1", {"n": 1})]
@@ -733,14 +735,9 @@ def test_duplicate_keys_in_one_batch_keep_the_first(sessions: sessionmaker[Sessi
 def test_nul_and_lone_surrogates_are_stored_as_replacement_chars(
     sessions: sessionmaker[Session],
 ) -> None:
-    msg = ItemBatch(
-        run_id="r1",
-        site="shop",
-        region="eu",
-        seq=0,
-        observed_at=T0,
-        items=[ScrapedItem(key="k\x00", url="https://x/", data={"t\x00": ["a\x00b", "c\ud800"]})],
-        fetches=[Fetch(url="https://x/", status=None, error="reset\x00")],
+    msg = r1_batch(
+        [ScrapedItem(key="k\x00", url="https://x/", data={"t\x00": ["a\x00b", "c\ud800"]})],
+        [Fetch(url="https://x/", status=None, error="reset\x00")],
     )
     apply(sessions, msg)
     apply(sessions, msg)
@@ -757,14 +754,9 @@ def test_nul_and_lone_surrogates_are_stored_as_replacement_chars(
 def test_cleaned_from_the_body_equals_cleaning_the_message(value: str, ensure_ascii: bool) -> None:
     # Ingest passes the JSON a message was parsed from, which says more cheaply
     # whether it needs cleaning; the result must be the same either way.
-    msg = ItemBatch(
-        run_id="r1",
-        site="shop",
-        region="eu",
-        seq=0,
-        observed_at=T0,
-        items=[ScrapedItem(key=f"k{value}", url="https://x/", data={value: [value]})],
-        fetches=[Fetch(url="https://x/", status=None, error=value)],
+    msg = r1_batch(
+        [ScrapedItem(key=f"k{value}", url="https://x/", data={value: [value]})],
+        [Fetch(url="https://x/", status=None, error=value)],
     )
     as_json = json.dumps(dump_message(msg), ensure_ascii=ensure_ascii)
     body = as_json.encode("utf-8", "surrogatepass")  # a lone surrogate's raw bytes, too
